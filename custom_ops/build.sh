@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# Placeholder until the native library lands.
+exit 0
