@@ -1,0 +1,44 @@
+"""Example architectures sized for CPU, and the registry checkpoints name them by."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+
+from torch import nn
+
+from .digits_cnn import DigitsCNN
+from .mobilenetv2 import mobilenetv2_small
+from .resnet import resnet20
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "digits_cnn": DigitsCNN,
+    "resnet20": resnet20,
+    "mobilenetv2_small": mobilenetv2_small,
+}
+
+
+def resolve_builder(name: str) -> Callable[..., nn.Module]:
+    """A built-in name, or ``module:callable`` (imports user code)."""
+    if name in ARCHITECTURES:
+        return ARCHITECTURES[name]
+    module_name, sep, attr = name.partition(":")
+    if not sep:
+        raise ValueError(
+            f"unknown architecture {name!r}: use one of {', '.join(ARCHITECTURES)} "
+            "or a 'module:callable' import path"
+        )
+    try:
+        builder = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"architecture import path {name!r} does not import: {exc}") from exc
+    if not callable(builder):
+        raise ValueError(f"architecture import path {name!r} is not callable")
+    return builder
+
+
+def build_architecture(name: str, kwargs: Mapping | None = None) -> nn.Module:
+    return resolve_builder(name)(**dict(kwargs or {}))
+
+
+__all__ = ["ARCHITECTURES", "DigitsCNN", "build_architecture", "mobilenetv2_small", "resnet20"]

@@ -1,0 +1,50 @@
+"""CIFAR-style ResNet-20 (He et al. 2016, option A shortcuts replaced by 1x1 convs)."""
+
+from torch import nn
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    def __init__(self, blocks_per_stage: int, in_channels: int = 3, num_classes: int = 10,
+                 width: int = 16) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        stages, cin = [], width
+        for i in range(3):
+            cout = width * 2**i
+            for j in range(blocks_per_stage):
+                stages.append(BasicBlock(cin, cout, 2 if (i > 0 and j == 0) else 1))
+                cin = cout
+        self.layers = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = self.layers(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def resnet20(in_channels: int = 3, num_classes: int = 10, width: int = 16) -> ResNet:
+    """ResNet-20: 3 stages of 3 basic blocks (19 convs + 1 linear, ~0.27 M params)."""
+    return ResNet(3, in_channels, num_classes, width)

@@ -1,0 +1,47 @@
+"""The qconvert op set. Each op lives in one module: schema, function body, numpy
+reference, torch custom op and exporter translation (spec: docs/ops.md)."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import onnx
+from onnx.reference.op_run import OpRun
+
+from . import adaptive_step, compand_quant, lut_gather, pow2_shift
+from ._builder import DOMAIN, DOMAIN_VERSION, MAX_OPSET, MIN_OPSET, register
+
+OPS: dict[str, ModuleType] = {
+    m.NAME: m for m in (compand_quant, adaptive_step, lut_gather, pow2_shift)
+}
+
+for _module in OPS.values():
+    register(_module.schema())
+
+
+def functions(opset: int, names: set[str] | None = None) -> list[onnx.FunctionProto]:
+    """Model-local function bodies for the ops in ``names`` (all ops when None)."""
+    return [m.function(opset) for name, m in OPS.items() if names is None or name in names]
+
+
+def translation_table() -> dict:
+    """torch op -> onnxscript translation, for torch.onnx.export's custom_translation_table."""
+    return {m.TORCH_OP: m.translate for m in OPS.values()}
+
+
+def _op_run_class(module: ModuleType) -> type[OpRun]:
+    """An onnx.reference OpRun that evaluates the op with its numpy reference."""
+    attributes = module.ATTRIBUTES
+
+    def _run(self, *inputs, **attrs):
+        values = {name: attrs.get(name, getattr(self, name, None)) for name in attributes}
+        values = {k: list(v) if k == "shape" else int(v) for k, v in values.items()}
+        return (module.reference(*inputs, **values),)
+
+    return type(module.NAME, (OpRun,), {"op_domain": DOMAIN, "_run": _run})
+
+
+REFERENCE_OPS: list[type[OpRun]] = [_op_run_class(m) for m in OPS.values()]
+
+__all__ = ["DOMAIN", "DOMAIN_VERSION", "MAX_OPSET", "MIN_OPSET", "OPS", "REFERENCE_OPS",
+           "functions", "translation_table"]

@@ -1,0 +1,73 @@
+"""A small builder for model-local FunctionProtos, so each op's body reads as its spec does."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxscript
+from onnx import AttributeProto, helper, numpy_helper
+
+DOMAIN = "qconvert"
+DOMAIN_VERSION = 1
+MIN_OPSET, MAX_OPSET = 18, 22
+QCONVERT = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
+
+
+class FunctionBuilder:
+    """Collects nodes; ``op.Name(*inputs, **attrs)`` style calls return the output name."""
+
+    def __init__(self, name: str, inputs: list[str], attributes: list[str]) -> None:
+        self.name = name
+        self.inputs = inputs
+        self.attributes = attributes
+        self.nodes: list[onnx.NodeProto] = []
+        self._count = 0
+
+    def _fresh(self, hint: str) -> str:
+        self._count += 1
+        return f"{hint}_{self._count}"
+
+    def node(self, op_type: str, *inputs: str, **attrs) -> str:
+        out = self._fresh(op_type.lower())
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
+        return out
+
+    def const(self, value, dtype=np.float32) -> str:
+        out = self._fresh("const")
+        tensor = numpy_helper.from_array(np.asarray(value, dtype=dtype), out)
+        self.nodes.append(helper.make_node("Constant", [], [out], value=tensor))
+        return out
+
+    def attr(self, name: str, kind: str = "int") -> str:
+        """The function attribute ``name`` as an int64 tensor (scalar, or 1-D for ``ints``)."""
+        out = self._fresh(name)
+        field, attr_type = {"int": ("value_int", AttributeProto.INT),
+                            "ints": ("value_ints", AttributeProto.INTS)}[kind]
+        node = helper.make_node("Constant", [], [out])
+        node.attribute.append(helper.make_attribute_ref(field, attr_type, ref_attr_name=name))
+        self.nodes.append(node)
+        return out
+
+    def build(self, outputs: list[str], opset: int) -> onnx.FunctionProto:
+        return helper.make_function(
+            DOMAIN, self.name, self.inputs, outputs, self.nodes,
+            opset_imports=[helper.make_opsetid("", opset)], attributes=self.attributes,
+        )
+
+
+def float_param(name: str, description: str) -> onnx.defs.OpSchema.FormalParameter:
+    return onnx.defs.OpSchema.FormalParameter(name, "tensor(float)", description)
+
+
+def int_attr(name: str, description: str, kind: str = "int") -> onnx.defs.OpSchema.Attribute:
+    attr_type = {"int": onnx.defs.OpSchema.AttrType.INT,
+                 "ints": onnx.defs.OpSchema.AttrType.INTS}[kind]
+    return onnx.defs.OpSchema.Attribute(name, attr_type, description, required=True)
+
+
+def register(schema: onnx.defs.OpSchema) -> None:
+    """Register once per process (onnx refuses duplicates)."""
+    try:
+        onnx.defs.get_schema(schema.name, DOMAIN_VERSION, schema.domain)
+    except onnx.defs.SchemaError:
+        onnx.defs.register_schema(schema)

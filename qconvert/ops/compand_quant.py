@@ -1,0 +1,93 @@
+"""CompandQuant: LCQ activation quantization at inference (docs/ops.md#compandquant)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+
+from ._builder import DOMAIN, DOMAIN_VERSION, QCONVERT, FunctionBuilder, float_param, int_attr
+
+NAME = "CompandQuant"
+INPUTS = ["X", "alpha", "slopes", "offsets", "levels"]
+ATTRIBUTES = ["bits", "signed"]
+
+
+def schema() -> onnx.defs.OpSchema:
+    return onnx.defs.OpSchema(
+        NAME, DOMAIN, DOMAIN_VERSION,
+        "LCQ: compress by a piecewise-linear f, round uniformly, expand through a level table.",
+        inputs=[float_param("X", "activation"), float_param("alpha", "clip, [1]"),
+                float_param("slopes", "compressor slopes, [K]"),
+                float_param("offsets", "compressor offsets, [K]"),
+                float_param("levels", "expander table, [S + 1]")],
+        outputs=[float_param("Y", "quantized activation, shape of X")],
+        attributes=[int_attr("bits", "2..8"), int_attr("signed", "0 or 1")],
+    )
+
+
+def reference(x, alpha, slopes, offsets, levels, *, bits: int, signed: int) -> np.ndarray:
+    """Numpy transcription of the spec, float32 throughout."""
+    x = np.asarray(x, np.float32)
+    alpha = np.float32(np.asarray(alpha).reshape(-1)[0])
+    K, S = np.float32(len(slopes)), np.float32(len(levels) - 1)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        v = np.minimum(np.abs(x) / alpha, np.float32(1)) if signed else np.minimum(
+            np.maximum(x / alpha, np.float32(0)), np.float32(1))
+        v_safe = np.where(np.isnan(v), np.float32(0), v)
+        k = np.minimum(np.floor(v_safe * K), K - 1).astype(np.int64)
+        d = k.astype(np.float32) / K
+        f = np.asarray(slopes, np.float32)[k] * (v_safe - d) + np.asarray(offsets, np.float32)[k]
+        j = np.clip(np.round(np.nan_to_num(f * S)), 0, S).astype(np.int64)
+        y = np.asarray(levels, np.float32)[j]
+        if signed:
+            y = y * np.sign(x)
+    return np.where(np.isnan(x), x, y).astype(np.float32)
+
+
+def function(opset: int) -> onnx.FunctionProto:
+    fb = FunctionBuilder(NAME, INPUTS, ATTRIBUTES)
+    one, zero = fb.const(1.0), fb.const(0.0)
+    is_signed = fb.node("Cast", fb.attr("signed"), to=onnx.TensorProto.BOOL)
+    magnitude = fb.node("Where", is_signed, fb.node("Abs", "X"), "X")
+    v = fb.node("Min", fb.node("Max", fb.node("Div", magnitude, "alpha"), zero), one)
+    v = fb.node("Where", fb.node("IsNaN", v), zero, v)  # keep table indices valid
+    k_count = fb.node("Cast", fb.node("Size", "slopes"), to=onnx.TensorProto.FLOAT)
+    s_top = fb.node("Sub", fb.node("Cast", fb.node("Size", "levels"), to=1), one)
+    k = fb.node("Min", fb.node("Floor", fb.node("Mul", v, k_count)), fb.node("Sub", k_count, one))
+    k_index = fb.node("Cast", k, to=onnx.TensorProto.INT64)
+    d = fb.node("Div", k, k_count)
+    slope = fb.node("Gather", "slopes", k_index, axis=0)
+    offset = fb.node("Gather", "offsets", k_index, axis=0)
+    f = fb.node("Add", fb.node("Mul", slope, fb.node("Sub", v, d)), offset)
+    j = fb.node("Clip", fb.node("Round", fb.node("Mul", f, s_top)), zero, s_top)
+    y = fb.node("Gather", "levels", fb.node("Cast", j, to=onnx.TensorProto.INT64), axis=0)
+    y = fb.node("Mul", y, fb.node("Where", is_signed, fb.node("Sign", "X"), one))
+    fb.nodes.append(onnx.helper.make_node("Where", [fb.node("IsNaN", "X"), "X", y], ["Y"]))
+    return fb.build(["Y"], opset)
+
+
+@torch.library.custom_op("qconvert::compand_quant", mutates_args=())
+def compand_quant(x: torch.Tensor, alpha: torch.Tensor, slopes: torch.Tensor,
+                  offsets: torch.Tensor, levels: torch.Tensor, bits: int,
+                  signed: int) -> torch.Tensor:
+    K, S = slopes.numel(), levels.numel() - 1
+    v = torch.clamp((x.abs() if signed else x) / alpha, 0, 1).nan_to_num(0.0)
+    k = torch.clamp(torch.floor(v * K), max=K - 1).long()
+    d = k.float() / K
+    f = slopes[k] * (v - d) + offsets[k]
+    j = torch.clamp(torch.round(f * S).nan_to_num(0.0), 0, S).long()
+    y = levels[j] * torch.sign(x) if signed else levels[j]
+    return torch.where(torch.isnan(x), x, y)
+
+
+@compand_quant.register_fake
+def _(x, alpha, slopes, offsets, levels, bits, signed):
+    return torch.empty_like(x)
+
+
+def translate(x, alpha, slopes, offsets, levels, bits: int, signed: int):
+    return QCONVERT.CompandQuant(x, alpha, slopes, offsets, levels, bits=bits, signed=signed)
+
+
+TORCH_OP = torch.ops.qconvert.compand_quant.default

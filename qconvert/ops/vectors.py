@@ -1,0 +1,160 @@
+"""Shared test vectors: every implementation of every op is checked against these.
+
+Cases cover every bit width, signed and unsigned, per-tensor and per-channel
+parameters, exact .5 ties after scaling, clip boundaries, NaN, +-Inf, signed
+zeros, denormals and empty tensors. ``expected`` comes from the op's numpy
+reference; the references themselves are checked against the QAT quantizers
+and closed forms in tests/test_ops.py.
+
+    python -m qconvert.ops.vectors --out DIR   # one .npz per case, for non-Python tests
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..quant.lcq import compressor, expand
+from . import OPS
+from .packing import pack_codes
+
+SPECIAL = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-40, -1e-40, 1e-45, 3e38, -3e38],
+                   np.float32)
+
+
+@dataclass
+class VectorCase:
+    name: str
+    inputs: list[np.ndarray]
+    attrs: dict
+    expected: np.ndarray
+
+
+def _case(op: str, name: str, inputs: list[np.ndarray], attrs: dict) -> VectorCase:
+    return VectorCase(name, inputs, attrs, OPS[op].reference(*inputs, **attrs))
+
+
+def _lcq_tables(theta: np.ndarray, alpha: float, top: int) -> tuple[np.ndarray, ...]:
+    slopes, offsets = compressor(torch.from_numpy(theta))
+    j = torch.arange(top + 1, dtype=torch.float32)
+    levels = torch.tensor([alpha], dtype=torch.float32) * expand(j / top, slopes, offsets)
+    return slopes.numpy(), offsets.numpy(), levels.numpy()
+
+
+def compand_quant_cases() -> list[VectorCase]:
+    rng = np.random.default_rng(1)
+    cases = []
+    for bits in range(2, 9):
+        for signed in (0, 1):
+            top = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+            for intervals, spread, alpha in ((16, 0.7, 1.7), (5, 1.5, 0.3), (16, 0.0, 2.0)):
+                theta = (rng.standard_normal(intervals) * spread).astype(np.float32)
+                slopes, offsets, levels = _lcq_tables(theta, alpha, top)
+                a = np.float32(alpha)
+                ties = (np.arange(top) + np.float32(0.5)) / np.float32(top) * a  # exact when theta=0
+                bounds = np.array([a, -a, np.nextafter(a, 0), np.nextafter(a, 2 * a), a / 16], np.float32)
+                x = np.concatenate([rng.standard_normal(120).astype(np.float32) * a,
+                                    ties, -ties, bounds, SPECIAL]).astype(np.float32)
+                cases.append(_case("CompandQuant", f"b{bits}_s{signed}_k{intervals}_a{alpha}",
+                                   [x.reshape(1, -1), np.array([a], np.float32), slopes, offsets,
+                                    levels], {"bits": bits, "signed": signed}))
+    slopes, offsets, levels = _lcq_tables(np.zeros(16, np.float32), 1.0, 15)
+    cases.append(_case("CompandQuant", "empty", [np.zeros((0, 3), np.float32),
+                        np.array([1.0], np.float32), slopes, offsets, levels],
+                       {"bits": 4, "signed": 0}))
+    return cases
+
+
+def adaptive_step_cases() -> list[VectorCase]:
+    rng = np.random.default_rng(2)
+    cases = []
+    for bits in range(2, 9):
+        for signed in (0, 1):
+            step = np.array([0.25], np.float32)
+            beta = np.array([1.0, 2.0, 0.5, 1.37, 1e-8], np.float32)
+            s_a = (step * beta)[:, None]
+            lo, hi = OPS["AdaptiveStep"].code_range(bits, signed)
+            ties = (np.arange(lo, hi, dtype=np.float32) + np.float32(0.5))[None, :] * s_a
+            bounds = np.concatenate([lo * s_a, hi * s_a, (hi + 1) * s_a, (lo - 1) * s_a], axis=1)
+            noise = rng.standard_normal((5, 40)).astype(np.float32) * s_a * (hi - lo) / 2
+            special = np.tile(SPECIAL, (5, 1))
+            x = np.concatenate([ties, bounds, noise, special], axis=1).astype(np.float32)
+            cases.append(_case("AdaptiveStep", f"b{bits}_s{signed}", [x, step, beta],
+                               {"bits": bits, "signed": signed}))
+    cases.append(_case("AdaptiveStep", "rank4", [
+        rng.standard_normal((3, 4, 5, 6)).astype(np.float32), np.array([0.1], np.float32),
+        np.array([0.9, 1.1, 3.0], np.float32)], {"bits": 4, "signed": 1}))
+    cases.append(_case("AdaptiveStep", "empty", [np.zeros((0, 4), np.float32),
+                       np.array([0.1], np.float32), np.zeros(0, np.float32)],
+                       {"bits": 4, "signed": 0}))
+    return cases
+
+
+def lut_gather_cases() -> list[VectorCase]:
+    rng = np.random.default_rng(3)
+    cases = []
+    for bits in range(1, 9):
+        for shape in ([6, 3, 3, 3], [7], [10, 16]):
+            count = int(np.prod(shape))
+            for per_channel in (False, True):
+                width = (1 << bits) - (1 if bits > 1 else 0)  # also a table shorter than 2^b
+                rows = (shape[0], width) if per_channel else (width,)
+                table = rng.standard_normal(rows).astype(np.float32)
+                codes = rng.integers(0, width, count)
+                codes[: min(count, 2)] = [0, width - 1][: min(count, 2)]
+                packed = np.concatenate([pack_codes(codes, bits), np.array([0xFF], np.uint8)])
+                tag = "pc" if per_channel else "pt"
+                cases.append(_case("LutGather", f"b{bits}_{tag}_{'x'.join(map(str, shape))}",
+                                   [packed, table], {"bits": bits, "shape": shape}))
+    return cases
+
+
+def pow2_shift_cases() -> list[VectorCase]:
+    rng = np.random.default_rng(4)
+    cases = []
+    for bits in range(2, 9):
+        every_code = np.arange(1 << bits)
+        for root in (1, 2):
+            for channels, alpha in ((1, [0.7]), (4, [0.5, 1.0, 3.3, 1e-38])):
+                shape = [channels, len(every_code)]
+                codes = np.tile(rng.permutation(every_code), channels)
+                cases.append(_case("Pow2Shift", f"b{bits}_r{root}_c{channels}",
+                                   [pack_codes(codes, bits), np.array(alpha, np.float32)],
+                                   {"bits": bits, "root": root, "shape": shape}))
+    return cases
+
+
+BUILDERS = {
+    "CompandQuant": compand_quant_cases,
+    "AdaptiveStep": adaptive_step_cases,
+    "LutGather": lut_gather_cases,
+    "Pow2Shift": pow2_shift_cases,
+}
+
+
+def cases(op_name: str) -> list[VectorCase]:
+    """All test vectors of one op (deterministic)."""
+    return BUILDERS[op_name]()
+
+
+def write(out: Path) -> int:
+    """One .npz per case: inputs as in0..inN, attributes as attr_<name>, and ``expected``."""
+    out.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for op in BUILDERS:
+        for case in cases(op):
+            arrays = {f"in{i}": a for i, a in enumerate(case.inputs)}
+            arrays |= {f"attr_{k}": np.asarray(v, np.int64) for k, v in case.attrs.items()}
+            np.savez(out / f"{op}__{case.name}.npz", expected=case.expected, **arrays)
+            count += 1
+    return count
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    print(f"wrote {write(parser.parse_args().out)} cases")

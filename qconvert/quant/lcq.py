@@ -1,0 +1,139 @@
+"""LCQ: learnable companding quantization (Yamamoto, CVPR 2021).
+
+A learned piecewise-linear compressor ``f`` on [0, 1] (K uniform intervals,
+slopes ``K * softmax(theta)``) maps the clipped input to a domain where it is
+rounded uniformly; the expander ``f^-1`` maps the codes back. The output levels
+``alpha * f^-1(j / S)`` form the level table.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Quantizer, abs_quantile, grad_scale, round_ste
+
+
+def compressor(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-interval slopes ``g_k = K t_k`` and offsets ``B_k = sum_{j<k} t_j``, t = softmax(theta)."""
+    t = torch.softmax(theta, dim=0)
+    offsets = torch.cat([t.new_zeros(1), torch.cumsum(t, dim=0)[:-1]])
+    return t * theta.numel(), offsets
+
+
+def interval_starts(intervals: int) -> torch.Tensor:
+    """``d_k = k / K`` in float32, computed by division as the op specification does."""
+    return torch.arange(intervals, dtype=torch.float32) / intervals
+
+
+def compress(v: torch.Tensor, slopes: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``f(v) = g_k (v - d_k) + B_k`` with ``k = min(floor(v K), K - 1)``, for v in [0, 1]."""
+    intervals = slopes.numel()
+    k = torch.floor(v * intervals).nan_to_num(0).long().clamp(0, intervals - 1)
+    d = interval_starts(intervals).to(v.device)
+    return slopes[k] * (v - d[k]) + offsets[k]
+
+
+def expand(u: torch.Tensor, slopes: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``f^-1(u) = d_k + (u - B_k) / g_k`` on the interval k whose image holds u."""
+    intervals = slopes.numel()
+    k = (torch.searchsorted(offsets.detach(), u.detach(), right=True) - 1).clamp(0, intervals - 1)
+    d = interval_starts(intervals).to(u.device)
+    return d[k] + (u - offsets[k]) / slopes[k]
+
+
+class LCQQuantizer(Quantizer):
+    """Companding quantizer; for weights with Limited Weight Normalization.
+
+    Signed (weights): ``y = sign(x) alpha f^-1(round(S f(min(|x|/alpha, 1))) / S)``,
+    S = 2^(b-1) - 1. Unsigned: v = clamp(x / alpha, 0, 1), S = 2^b - 1.
+    Weights use ``W_q = sigma * Q((W - mu) / sigma)`` (the mean is not added back).
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        signed: bool | None = None,
+        is_weight: bool = False,
+        intervals: int = 16,
+        normalize: bool = True,
+    ) -> None:
+        super().__init__(bits, signed, is_weight)
+        if intervals < 1:
+            raise ValueError(f"LCQ needs at least one interval, got {intervals}")
+        self.normalize = normalize and is_weight
+        self.alpha = nn.Parameter(torch.ones(1))
+        self.theta = nn.Parameter(torch.zeros(intervals))
+
+    @property
+    def top_code(self) -> int:
+        """S: the largest code (codes run 0..S in magnitude)."""
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+
+    def _normalized(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.normalize:
+            return x, None
+        sigma = x.std()
+        return (x - x.mean()) / sigma, sigma
+
+    def init_from(self, x: torch.Tensor) -> None:
+        x, _ = self._normalized(x)
+        data = x if self.signed else x.clamp_min(0)
+        self.alpha.copy_(abs_quantile(data, 0.99).clamp_min(1e-6).reshape(1))
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        x_hat, sigma = self._normalized(x)
+        # The reference scales alpha/theta gradients by sqrt(S / N).
+        scale = (self.top_code / self.grad_numel(x)) ** 0.5
+        alpha = grad_scale(self.alpha, scale)
+        slopes, offsets = compressor(grad_scale(self.theta, scale))
+        if self.signed:
+            v = torch.clamp(x_hat.abs() / alpha, max=1)
+        else:
+            v = torch.clamp(x_hat / alpha, 0, 1)
+        v_const = v.detach()
+        codes = torch.clamp(round_ste(compress(v_const, slopes, offsets) * self.top_code),
+                            0, self.top_code)
+        # STE for the input; adding (v - v_const), which is exactly 0, gives alpha its -v term.
+        q = expand(codes / self.top_code, slopes, offsets) + (v - v_const)
+        y = alpha * q
+        if self.signed:
+            y = y * torch.sign(x_hat)
+        return y if sigma is None else sigma * y
+
+    def compressor_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slopes, offsets) exactly as the forward pass computes them."""
+        with torch.no_grad():
+            return compressor(self.theta.detach())
+
+    def magnitude_levels(self) -> torch.Tensor:
+        """``alpha * f^-1(j / S)`` for j = 0..S: the expander table the CompandQuant op reads."""
+        slopes, offsets = self.compressor_tables()
+        j = torch.arange(self.top_code + 1, dtype=torch.float32)
+        with torch.no_grad():
+            return self.alpha.detach() * expand(j / self.top_code, slopes, offsets)
+
+    def weight_sigma(self, w: torch.Tensor) -> torch.Tensor | None:
+        return self._normalized(w.detach())[1]
+
+    def levels(self, w: torch.Tensor | None = None) -> torch.Tensor:
+        """Output values, ascending. Weights need ``w`` for sigma: ``sigma * (+-mag)``."""
+        mags = self.magnitude_levels()
+        if not self.signed:
+            return mags
+        signed = torch.cat([-mags.flip(0)[:-1], mags])
+        if self.normalize:
+            if w is None:
+                raise ValueError("a normalised LCQ weight quantizer needs the weight for its levels")
+            signed = self.weight_sigma(w) * signed
+        return signed
+
+    def encode(self, w: torch.Tensor) -> torch.Tensor:
+        """Index of each weight's value in :meth:`levels` (code j in [-S, S] -> j + S)."""
+        with torch.no_grad():
+            x_hat, _ = self._normalized(w.detach())
+            slopes, offsets = self.compressor_tables()
+            v = torch.clamp(x_hat.abs() / self.alpha, max=1)
+            codes = torch.clamp(torch.round(compress(v, slopes, offsets) * self.top_code),
+                                0, self.top_code)
+            return (torch.sign(x_hat) * codes).long() + self.top_code

@@ -1,0 +1,52 @@
+"""LSQ: uniform quantizer with a learned step (Esser et al., ICLR 2020)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Quantizer, grad_scale, lsq_grad_scale, round_ste
+
+
+class LSQQuantizer(Quantizer):
+    """``y = s * clamp(round(x / s), lo, hi)``; per tensor, or per output channel (weights).
+
+    ``channels`` > 0 makes the step per output channel (dim 0 of a weight).
+    """
+
+    def __init__(
+        self, bits: int, signed: bool | None = None, is_weight: bool = False, channels: int = 0
+    ) -> None:
+        super().__init__(bits, signed, is_weight)
+        self.channels = channels
+        self.step = nn.Parameter(torch.ones(channels if channels else 1))
+
+    def _step_view(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels:
+            return self.step.view(-1, *([1] * (x.dim() - 1)))
+        return self.step
+
+    def init_from(self, x: torch.Tensor) -> None:
+        qp = max(self.code_range[1], 1)
+        if self.channels:
+            mean_abs = x.abs().reshape(self.channels, -1).mean(dim=1)
+        else:
+            mean_abs = x.abs().mean().reshape(1)
+        self.step.copy_((2 * mean_abs / qp**0.5).clamp_min(1e-8))
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.code_range
+        scale = lsq_grad_scale(self.grad_numel(x), hi)
+        s = grad_scale(self._step_view(x), scale)
+        return torch.clamp(round_ste(x / s), lo, hi) * s
+
+    def encode(self, w: torch.Tensor) -> torch.Tensor:
+        """Index of each element's value in :meth:`levels` (in its channel's row if per channel)."""
+        lo, hi = self.code_range
+        return (torch.clamp(torch.round(w / self._step_view(w).detach()), lo, hi) - lo).long()
+
+    def levels(self) -> torch.Tensor:
+        lo, hi = self.code_range
+        k = torch.arange(lo, hi + 1, dtype=torch.float32)
+        step = self.step.detach()
+        return step.view(-1, 1) * k if self.channels else step * k

@@ -1,0 +1,202 @@
+"""Layer specs, schemes and ``quantize_model``: which quantizer goes where.
+
+A :class:`LayerSpec` names a layer's weight and activation quantizers; it is
+plain data, saved in checkpoints and used to rebuild the model on load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+
+from torch import nn
+
+from .asq import ASQQuantizer
+from .base import Quantizer, check_bits
+from .layers import QConv2d, QLinear
+from .lcq import LCQQuantizer
+from .lsq import LSQQuantizer
+from .pot import PowerQuantizer
+
+WEIGHT_KINDS = ("lsq", "lcq", "pot", "post")
+ACT_KINDS = ("lsq", "lcq", "asq")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """One quantizer. ``signed=None`` (activations) takes the sign from the first batch."""
+
+    kind: str
+    bits: int
+    signed: bool | None = None
+    per_channel: bool = False
+    normalize: bool = False
+    intervals: int = 16
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    weight: QuantSpec
+    act: QuantSpec
+
+    def to_dict(self) -> dict:
+        return {"weight": asdict(self.weight), "act": asdict(self.act)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> LayerSpec:
+        return cls(weight=QuantSpec(**data["weight"]), act=QuantSpec(**data["act"]))
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A named recipe: weight and activation quantizer kinds for the inner layers."""
+
+    weight: str
+    act: str
+    weight_options: dict = field(default_factory=dict)
+
+
+SCHEMES: dict[str, Scheme] = {
+    "lsq": Scheme(weight="lsq", act="lsq"),
+    "lcq": Scheme(weight="lcq", act="lcq", weight_options={"normalize": True}),
+    "asq-lsq": Scheme(weight="lsq", act="asq"),  # ASQ paper, scheme 1
+    "asq-post": Scheme(weight="post", act="asq"),  # ASQ paper, scheme 2
+    "pot": Scheme(weight="pot", act="lsq"),
+    "post": Scheme(weight="post", act="lsq"),
+}
+
+
+def make_weight_quantizer(spec: QuantSpec, out_channels: int) -> Quantizer:
+    channels = out_channels if spec.per_channel else 0
+    if spec.kind == "lsq":
+        return LSQQuantizer(spec.bits, is_weight=True, channels=channels)
+    if spec.kind == "lcq":
+        if spec.per_channel:
+            raise ValueError("LCQ weights are per tensor; per_channel is not supported")
+        return LCQQuantizer(spec.bits, is_weight=True, intervals=spec.intervals,
+                            normalize=spec.normalize)
+    if spec.kind in ("pot", "post"):
+        root = 1 if spec.kind == "pot" else 2
+        return PowerQuantizer(spec.bits, root, channels=channels, normalize=spec.normalize)
+    raise ValueError(f"unknown weight quantizer {spec.kind!r}; choose from {WEIGHT_KINDS}")
+
+
+def make_act_quantizer(spec: QuantSpec, in_channels: int) -> Quantizer:
+    if spec.kind == "lsq":
+        return LSQQuantizer(spec.bits, signed=spec.signed)
+    if spec.kind == "lcq":
+        return LCQQuantizer(spec.bits, signed=spec.signed, intervals=spec.intervals)
+    if spec.kind == "asq":
+        return ASQQuantizer(spec.bits, in_channels, signed=spec.signed)
+    raise ValueError(f"unknown activation quantizer {spec.kind!r}; choose from {ACT_KINDS}")
+
+
+def quantize_layer(layer: nn.Module, spec: LayerSpec) -> nn.Module:
+    """The quantized twin of a Conv2d or Linear, sharing its float weights."""
+    if isinstance(layer, nn.Conv2d):
+        wq = make_weight_quantizer(spec.weight, layer.out_channels)
+        return QConv2d.from_float(layer, make_act_quantizer(spec.act, layer.in_channels), wq)
+    if isinstance(layer, nn.Linear):
+        wq = make_weight_quantizer(spec.weight, layer.out_features)
+        return QLinear.from_float(layer, make_act_quantizer(spec.act, layer.in_features), wq)
+    raise TypeError(f"cannot quantize {type(layer).__name__}: only Conv2d and Linear")
+
+
+def quantizable_layers(model: nn.Module) -> list[str]:
+    """Names of the Conv2d / Linear layers, in registration order."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Conv2d | nn.Linear) and not isinstance(m, QConv2d | QLinear)]
+
+
+def scheme_layer_specs(
+    model: nn.Module,
+    scheme: str,
+    weight_bits: int,
+    act_bits: int,
+    first_last_bits: int | None = 8,
+    per_channel: bool = False,
+    overrides: Mapping[str, Mapping | None] | None = None,
+) -> dict[str, LayerSpec | None]:
+    """Resolve a scheme to one spec per layer (None leaves a layer in float).
+
+    First conv and last linear (registration order) get uniform LSQ at
+    ``first_last_bits``, the first with a signed input quantizer, as in the
+    papers' setups; ``first_last_bits=None`` treats them like the others.
+    ``overrides`` maps a layer name to None (keep float) or to a dict with
+    optional ``weight`` / ``act`` dicts of :class:`QuantSpec` fields.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
+    recipe = SCHEMES[scheme]
+    names = quantizable_layers(model)
+    overrides = dict(overrides or {})
+    unknown = set(overrides) - set(names)
+    if unknown:
+        raise ValueError(f"overrides name layers the model does not have: {sorted(unknown)}")
+    specs: dict[str, LayerSpec | None] = {}
+    for name in names:
+        spec = LayerSpec(
+            weight=QuantSpec(recipe.weight, weight_bits, per_channel=per_channel,
+                             **recipe.weight_options),
+            act=QuantSpec(recipe.act, act_bits),
+        )
+        is_first, is_last = name == names[0], name == names[-1]
+        if first_last_bits is not None and (is_first or is_last):
+            spec = LayerSpec(
+                weight=QuantSpec("lsq", first_last_bits, per_channel=per_channel),
+                act=QuantSpec("lsq", first_last_bits, signed=True if is_first else None),
+            )
+        if name in overrides:
+            spec = _apply_override(spec, overrides[name])
+        specs[name] = spec
+    return specs
+
+
+def _apply_override(spec: LayerSpec, override: Mapping | None) -> LayerSpec | None:
+    if override is None:
+        return None
+    unknown = set(override) - {"weight", "act"}
+    if unknown:
+        raise ValueError(f"override keys must be 'weight' and/or 'act', got {sorted(unknown)}")
+    return LayerSpec(
+        weight=replace(spec.weight, **override.get("weight", {})),
+        act=replace(spec.act, **override.get("act", {})),
+    )
+
+
+def apply_layer_specs(model: nn.Module, specs: Mapping[str, LayerSpec | None]) -> nn.Module:
+    """Replace each named layer by its quantized twin, in place; returns the model."""
+    for name, spec in specs.items():
+        if spec is None:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        quantized = quantize_layer(getattr(parent, child), spec)
+        quantized.layer_spec = spec
+        setattr(parent, child, quantized)
+    model.qconvert_specs = dict(specs)
+    return model
+
+
+def quantize_model(
+    model: nn.Module,
+    scheme: str,
+    weight_bits: int = 4,
+    act_bits: int = 4,
+    first_last_bits: int | None = 8,
+    per_channel: bool = False,
+    overrides: Mapping[str, Mapping | None] | None = None,
+) -> nn.Module:
+    """Turn every Conv2d / Linear of ``model`` into its quantized twin (in place).
+
+    Schemes: ``lsq``, ``lcq``, ``asq-lsq``, ``asq-post``, ``pot``, ``post``.
+    Quantizers initialise from the first training-mode batch.
+    """
+    specs = scheme_layer_specs(model, scheme, weight_bits, act_bits, first_last_bits,
+                               per_channel, overrides)
+    model = apply_layer_specs(model, specs)
+    model.qconvert_scheme = scheme
+    return model

@@ -1,0 +1,67 @@
+"""Every implementation of every op against the same shared test vectors."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from qconvert.ops import MAX_OPSET, MIN_OPSET, OPS, functions
+from qconvert.ops.vectors import cases
+
+from .onnx_helpers import one_node_model, run_function_body, run_reference_evaluator
+
+ALL_CASES = [(op, case) for op in OPS for case in cases(op)]
+IDS = [f"{op}-{case.name}" for op, case in ALL_CASES]
+
+
+def assert_same(got: np.ndarray, expected: np.ndarray) -> None:
+    """Equal values and shapes, NaN where NaN (the sign of zero may differ, per docs/ops.md)."""
+    assert got.dtype == np.float32
+    assert got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize(("op", "case"), ALL_CASES, ids=IDS)
+def test_torch_op_matches_vectors(op, case):
+    got = OPS[op].TORCH_OP(*[torch.from_numpy(a) for a in case.inputs], *case.attrs.values())
+    assert_same(got.numpy(), case.expected)
+
+
+@pytest.mark.parametrize(("op", "case"), ALL_CASES, ids=IDS)
+def test_function_body_in_onnxruntime_matches_vectors(op, case):
+    assert_same(run_function_body(op, case.inputs, case.attrs), case.expected)
+
+
+@pytest.mark.parametrize(("op", "case"), ALL_CASES[::7], ids=IDS[::7])
+def test_function_body_in_onnx_reference_matches_vectors(op, case):
+    got = run_reference_evaluator(op, case.inputs, case.attrs, numpy_ops=False)
+    assert_same(np.asarray(got, np.float32), case.expected)
+
+
+@pytest.mark.parametrize(("op", "case"), ALL_CASES[::5], ids=IDS[::5])
+def test_numpy_ops_plug_into_onnx_reference(op, case):
+    got = run_reference_evaluator(op, case.inputs, case.attrs, numpy_ops=True)
+    assert_same(got, case.expected)
+
+
+@pytest.mark.parametrize("opset", range(MIN_OPSET, MAX_OPSET + 1))
+def test_models_with_function_bodies_pass_the_full_checker(opset):
+    for op in OPS:
+        case = cases(op)[0]
+        model = one_node_model(op, case.inputs, case.attrs, opset,
+                               output_shape=list(case.expected.shape))
+        onnx.checker.check_model(model, full_check=True)
+        for function in functions(opset, {op}):
+            assert function.opset_import[0].version == opset
+
+
+def test_every_case_family_has_nan_inf_and_ties():
+    x = np.concatenate([c.inputs[0].reshape(-1) for c in cases("CompandQuant")])
+    assert np.isnan(x).any() and np.isposinf(x).any() and np.isneginf(x).any()
+    assert (np.abs(x[np.isfinite(x)]) < np.finfo(np.float32).tiny).any()  # denormals
+    # AdaptiveStep: ties land exactly on k + 0.5 after scaling.
+    case = cases("AdaptiveStep")[0]
+    scaled = case.inputs[0] / (case.inputs[1] * case.inputs[2])[:, None]
+    assert np.any(scaled == np.floor(scaled) + 0.5)
