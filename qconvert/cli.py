@@ -1,0 +1,222 @@
+"""The ``qconvert`` command: export, validate, inspect, ops-lib."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .errors import QConvertError
+
+EXIT_PARITY, EXIT_INPUT = 1, 2
+
+
+def _errors_to_exit_codes(command):
+    """Bad input: one line on stderr and exit 2 (a traceback only with --debug)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except QConvertError as exc:
+            if click.get_current_context().find_root().params.get("debug"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_INPUT)
+
+    return wrapper
+
+
+@click.group()
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.version_option(package_name="qconvert")
+def main(debug: bool) -> None:
+    """Export low-bit, non-uniformly quantized QAT checkpoints to ONNX and prove parity."""
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
+              help="Where to write the .onnx model.")
+@click.option("--opset", default=20, show_default=True, help="Default-domain opset (18..22).")
+@click.option("--no-functions", is_flag=True,
+              help="Leave out the model-local function bodies (the model then needs the "
+                   "native library).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Also load checkpoints holding pickled objects. Unpickling RUNS CODE from "
+                   "the file: only for files you trust.")
+@_errors_to_exit_codes
+def export(checkpoint: Path, out: Path, opset: int, no_functions: bool, force: bool,
+           allow_pickle: bool) -> None:
+    """Export CHECKPOINT to an ONNX model with qconvert ops and packed low-bit weights."""
+    from .checkpoint import load_checkpoint
+    from .export.onnx_export import export_checkpoint
+    from .inspect_model import inspect_model
+
+    if out.exists() and not force:
+        raise QConvertError(f"{out} exists; pass --force to overwrite it")
+    started = time.perf_counter()
+    ckpt = load_checkpoint(checkpoint, allow_pickle=allow_pickle)
+    count = sum(1 for _ in ckpt.layer_specs)
+    with click.progressbar(length=count, label="folding layers", file=sys.stderr) as bar:
+        result = export_checkpoint(ckpt, out, opset=opset, with_functions=not no_functions,
+                                   force=force, progress=lambda _: bar.update(1))
+    seconds = time.perf_counter() - started
+    info = inspect_model(out)
+    click.echo(f"{'layer':<28} {'weight':<10} {'act':<10} {'params':>8}")
+    for layer in result.layers:
+        click.echo(f"{layer.name:<28} {layer.weight_kind + ' ' + str(layer.weight_bits):<10} "
+                   f"{layer.act_kind + ' ' + str(layer.act_bits):<10} {layer.params:>8}")
+    ops = ", ".join(f"{k} x{v}" for k, v in sorted(info.custom_ops.items())) or "none"
+    click.echo(f"qconvert ops: {ops}")
+    click.echo(f"wrote {out}: {_human(info.file_bytes)} = "
+               f"{info.file_bytes / info.ideal_bytes:.2f}x ideal packed "
+               f"({_human(info.ideal_bytes)}), {info.file_bytes / info.fp32_bytes:.3f}x FP32 "
+               f"({_human(info.fp32_bytes)}); {seconds:.1f} s")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--calib", type=click.Path(path_type=Path),
+              help=".npz (x, optional y) / .npy samples, or an image folder.")
+@click.option("--synthetic", type=int, help="Use N random samples instead of --calib.")
+@click.option("--runtime", type=click.Choice(["native", "function", "reference"]),
+              help="Default: native when the library is built, else function.")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--per-layer", is_flag=True,
+              help="Teacher-forced op-level check and free-running SQNR per layer.")
+@click.option("--min-agreement", default=1.0, show_default=True,
+              help="Smallest top-1 agreement that passes.")
+@click.option("--max-abs-diff", type=float,
+              help="Largest output difference that passes (default: --max-rel-diff x max|output|).")
+@click.option("--max-rel-diff", default=1e-4, show_default=True)
+@click.option("--report", type=click.Path(path_type=Path), help="Write a JSON report.")
+@click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG plot.")
+@click.option("--strict", is_flag=True,
+              help="Fail when the model was exported from a different checkpoint.")
+@click.option("--allow-pickle", is_flag=True, help="See export --help. Runs code from the file.")
+@_errors_to_exit_codes
+def validate(checkpoint: Path, model: Path, calib: Path | None, synthetic: int | None,
+             runtime: str | None, batch_size: int, per_layer: bool, min_agreement: float,
+             max_abs_diff: float | None, max_rel_diff: float, report: Path | None,
+             plot: Path | None, strict: bool, allow_pickle: bool) -> None:
+    """Check MODEL against CHECKPOINT on calibration data; exit 1 when parity fails."""
+    from . import calib as calib_data
+    from . import validate as val
+    from .checkpoint import load_checkpoint
+    from .runtime import default_runtime, load_model, session
+
+    if (calib is None) == (synthetic is None):
+        raise QConvertError("give exactly one of --calib DATA or --synthetic N")
+    ckpt = load_checkpoint(checkpoint, allow_pickle=allow_pickle)
+    onnx_model = load_model(model)
+    _check_provenance(ckpt, onnx_model, model, strict)
+    data = (calib_data.synthetic(synthetic, ckpt.input.shape) if synthetic is not None
+            else calib_data.load_calibration(calib, ckpt.input.shape))
+    runtime = runtime or default_runtime()
+    click.echo(f"runtime: {runtime}; data: {data.source}, {len(data.x)} samples")
+    with click.progressbar(length=len(data.x), label="validating", file=sys.stderr) as bar:
+        result = val.validate(ckpt, onnx_model, data,
+                              lambda m: session(m, runtime, announce=None),
+                              batch_size=batch_size, per_layer=per_layer, progress=bar.update)
+    val.judge(result, min_agreement, max_abs_diff, max_rel_diff)
+    _print_report(result)
+    if report:
+        report.write_text(result.to_json())
+    if plot:
+        val.plot(result, str(plot))
+    if not result.passed:
+        click.echo("FAIL: parity outside the thresholds", err=True)
+        sys.exit(EXIT_PARITY)
+    click.echo("PASS")
+
+
+def _check_provenance(ckpt, onnx_model, model_path: Path, strict: bool) -> None:
+    meta = {p.key: p.value for p in onnx_model.metadata_props}
+    recorded = meta.get("qconvert_checkpoint_sha256")
+    if recorded and recorded != ckpt.sha256:
+        message = (f"{model_path} was exported from a different checkpoint "
+                   f"(sha256 {recorded[:12]}..., this one {ckpt.sha256[:12]}...)")
+        if strict:
+            raise QConvertError(message + "; re-export it, or drop --strict")
+        click.echo(f"WARNING: {message}", err=True)
+
+
+def _print_report(r) -> None:
+    def pct(v):
+        return "n/a" if v is None else f"{v:.2%}"
+
+    click.echo(f"samples {r.samples}  top-1 agreement {pct(r.top1_agreement)}  "
+               f"top-5 agreement {pct(r.top5_agreement)}")
+    sqnr = "exact" if r.sqnr_db is None else f"{r.sqnr_db:.1f} dB"
+    click.echo(f"max |diff| {r.max_abs_diff:.3g} (bound {r.thresholds['max_abs_diff']:.3g})  "
+               f"mean |diff| {r.mean_abs_diff:.3g}  SQNR {sqnr}  NaN samples {r.nan_samples}")
+    if r.torch_accuracy is not None:
+        click.echo(f"accuracy: PyTorch {pct(r.torch_accuracy)}  ONNX {pct(r.onnx_accuracy)}")
+    if r.layers:
+        click.echo(f"{'layer':<28} {'act':<5} {'op mismatches':>16} {'act SQNR':>10} "
+                   f"{'out SQNR':>10}")
+        for layer in r.layers:
+            if layer.merged:
+                click.echo(f"{layer.name:<28} {layer.act_kind:<5} shares its nodes with an "
+                           "identical quantizer (checked there)")
+                continue
+            act = "exact" if layer.act_sqnr_db is None else f"{layer.act_sqnr_db:.1f}"
+            out = "exact" if layer.out_sqnr_db is None else f"{layer.out_sqnr_db:.1f}"
+            click.echo(f"{layer.name:<28} {layer.act_kind:<5} "
+                       f"{layer.op_mismatches:>7}/{layer.op_elements:<8} {act:>10} {out:>10}")
+
+
+@main.command("inspect")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_errors_to_exit_codes
+def inspect_command(model: Path, as_json: bool) -> None:
+    """Ops, bits, storage and compute of an exported MODEL."""
+    from .inspect_model import inspect_model
+    from .runtime import load_model
+
+    load_model(model)  # a clear error for a missing or unreadable file
+    info = inspect_model(model)
+    if as_json:
+        click.echo(info.to_json())
+        return
+    click.echo(f"{'weight':<34} {'op':<10} {'bits':>4} {'params':>8} {'codes':>9} "
+               f"{'table':>7} {'MACs':>10}")
+    for layer in info.layers:
+        click.echo(f"{layer.weight:<34} {layer.op:<10} {layer.bits:>4} {layer.params:>8} "
+                   f"{layer.code_bytes:>9} {layer.table_bytes:>7} {layer.macs:>10}")
+    click.echo(f"qconvert ops: {info.custom_ops}")
+    click.echo(f"file {info.file_bytes} B = {info.file_bytes / info.ideal_bytes:.3f}x ideal "
+               f"({info.ideal_bytes} B), {info.file_bytes / info.fp32_bytes:.3f}x FP32 "
+               f"({info.fp32_bytes} B); LUT memory {info.lut_bytes} B")
+    click.echo(f"MACs/sample {info.macs}; weight bits {info.weight_bits}")
+    if info.adapter_params:
+        click.echo(f"ASQ adapters: {info.adapter_params} params "
+                   f"({info.adapter_param_ratio:.2%} of quantized weights), {info.adapter_macs} "
+                   f"MACs ({info.adapter_mac_ratio:.2%} of the rest)")
+
+
+@main.command("ops-lib")
+def ops_lib() -> None:
+    """Print the native custom-op library's path (exit 2 when it is not built)."""
+    from .native import library_path
+
+    path = library_path()
+    if path is None:
+        click.echo("error: the native library is not built; run `make ops`", err=True)
+        sys.exit(EXIT_INPUT)
+    click.echo(str(path))

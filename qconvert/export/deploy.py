@@ -1,0 +1,211 @@
+"""Quantized PyTorch model -> deploy form: the same network, with every quantizer replaced
+by what the ONNX model will run.
+
+Activation quantizers become one qconvert op each (LSQ stays standard arithmetic);
+weights become packed integer codes plus a decode op. The deploy form is still a
+PyTorch module, so it can be checked bit for bit against the QAT model before any
+ONNX is written, and it is what torch.onnx exports.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import QConvertError
+from ..ops import adaptive_step, compand_quant, lut_gather, pow2_shift  # noqa: F401 (registers ops)
+from ..ops.packing import pack_codes
+from ..quant import (
+    ASQQuantizer,
+    LCQQuantizer,
+    LSQQuantizer,
+    PowerQuantizer,
+    QConv2d,
+    QLinear,
+    Quantizer,
+)
+
+
+class UniformAct(nn.Module):
+    """LSQ activation in standard ops: ``clamp(round(x / s), lo, hi) * s``."""
+
+    def __init__(self, q: LSQQuantizer) -> None:
+        super().__init__()
+        self.register_buffer("step", q.step.detach().clone())
+        self.lo, self.hi = q.code_range
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(torch.round(x / self.step), self.lo, self.hi) * self.step
+
+
+class CompandAct(nn.Module):
+    """LCQ activation: one CompandQuant op."""
+
+    def __init__(self, q: LCQQuantizer) -> None:
+        super().__init__()
+        slopes, offsets = q.compressor_tables()
+        self.register_buffer("alpha", q.alpha.detach().clone())
+        self.register_buffer("slopes", slopes.clone())
+        self.register_buffer("offsets", offsets.clone())
+        self.register_buffer("levels", q.magnitude_levels().clone())
+        self.bits, self.signed = q.bits, int(q.signed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.qconvert.compand_quant(
+            x, self.alpha, self.slopes, self.offsets, self.levels, self.bits, self.signed)
+
+
+class AdaptiveAct(nn.Module):
+    """ASQ activation: the adapter in standard ops, then one AdaptiveStep op."""
+
+    def __init__(self, q: ASQQuantizer) -> None:
+        super().__init__()
+        self.register_buffer("step", q.step.detach().clone())
+        self.adapter = copy.deepcopy(q.adapter)
+        self.bits, self.signed = q.bits, int(q.signed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        beta = self.adapter(x)
+        return torch.ops.qconvert.adaptive_step(x, self.step, beta, self.bits, self.signed)
+
+
+class TableWeight(nn.Module):
+    """LSQ / LCQ weight: packed level indices decoded by LutGather."""
+
+    def __init__(self, codes: torch.Tensor, table: torch.Tensor, bits: int, shape) -> None:
+        super().__init__()
+        self.register_buffer("codes", torch.from_numpy(pack_codes(codes, bits)))
+        self.register_buffer("table", table.contiguous())
+        self.bits, self.shape = bits, list(shape)
+
+    def forward(self) -> torch.Tensor:
+        return torch.ops.qconvert.lut_gather(self.codes, self.table, self.bits, self.shape)
+
+
+class PowerWeight(nn.Module):
+    """POT / POST weight: packed sign + magnitude codes decoded by Pow2Shift."""
+
+    def __init__(self, codes: torch.Tensor, alpha: torch.Tensor, bits: int, root: int,
+                 shape) -> None:
+        super().__init__()
+        self.register_buffer("codes", torch.from_numpy(pack_codes(codes, bits)))
+        self.register_buffer("alpha", alpha.contiguous())
+        self.bits, self.root, self.shape = bits, root, list(shape)
+
+    def forward(self) -> torch.Tensor:
+        return torch.ops.qconvert.pow2_shift(self.codes, self.alpha, self.bits, self.root,
+                                             self.shape)
+
+
+def deploy_activation(q: Quantizer) -> nn.Module:
+    if isinstance(q, LSQQuantizer):
+        return UniformAct(q)
+    if isinstance(q, LCQQuantizer):
+        return CompandAct(q)
+    if isinstance(q, ASQQuantizer):
+        return AdaptiveAct(q)
+    raise QConvertError(f"no deploy form for activation quantizer {type(q).__name__}")
+
+
+def deploy_weight(q: Quantizer, weight: torch.Tensor) -> nn.Module:
+    """Fold a weight quantizer: codes at the quantizer's bit width, plus tables / scales."""
+    w = weight.detach()
+    index = q.encode(w).reshape(-1)
+    if isinstance(q, PowerQuantizer):
+        signed_code = index - q.top_code  # in [-M, M]
+        codes = (signed_code < 0).long() << (q.bits - 1) | signed_code.abs()
+        return PowerWeight(codes, q.alpha.detach().clone(), q.bits, q.root, w.shape)
+    if isinstance(q, LCQQuantizer):
+        return TableWeight(index, q.levels(w), q.bits, w.shape)
+    if isinstance(q, LSQQuantizer):
+        return TableWeight(index, q.levels(), q.bits, w.shape)
+    raise QConvertError(f"no deploy form for weight quantizer {type(q).__name__}")
+
+
+class DeployConv2d(nn.Module):
+    def __init__(self, layer: QConv2d) -> None:
+        super().__init__()
+        self.act = deploy_activation(layer.act_quant)
+        self.weight = deploy_weight(layer.weight_quant, layer.weight)
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
+        self.stride, self.padding = layer.stride, layer.padding
+        self.dilation, self.groups = layer.dilation, layer.groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(self.act(x), self.weight(), self.bias, self.stride, self.padding,
+                        self.dilation, self.groups)
+
+
+class DeployLinear(nn.Module):
+    def __init__(self, layer: QLinear) -> None:
+        super().__init__()
+        self.act = deploy_activation(layer.act_quant)
+        self.weight = deploy_weight(layer.weight_quant, layer.weight)
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.act(x), self.weight(), self.bias)
+
+
+@dataclass
+class DeployedLayer:
+    """What the exporter and inspector need to know about one quantized layer."""
+
+    name: str
+    module: DeployConv2d | DeployLinear
+    weight_kind: str
+    weight_bits: int
+    act_kind: str
+    act_bits: int
+    params: int
+    macs_per_sample: int = 0
+
+
+def quantized_layers(model: nn.Module) -> list[tuple[str, QConv2d | QLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QConv2d | QLinear)]
+
+
+def _check_folded_weight(name: str, layer: QConv2d | QLinear, deployed: nn.Module) -> None:
+    with torch.no_grad():
+        expected = layer.weight_quant(layer.weight)
+        decoded = deployed.weight()
+    if not torch.equal(decoded, expected):
+        bad = int((decoded != expected).sum())
+        raise QConvertError(
+            f"layer {name}: folded weight differs from the QAT weight in {bad} elements; "
+            "this quantizer configuration cannot be exported faithfully"
+        )
+
+
+def _spec_kinds(layer: QConv2d | QLinear) -> tuple[str, str]:
+    spec = getattr(layer, "layer_spec", None)
+    if spec is not None:
+        return spec.weight.kind, spec.act.kind
+    return type(layer.weight_quant).__name__, type(layer.act_quant).__name__
+
+
+def to_deploy(model: nn.Module, progress=None) -> tuple[nn.Module, list[DeployedLayer]]:
+    """A deploy-form copy of ``model`` (eval mode) and a description of each layer.
+
+    Every folded weight is decoded again and compared with the QAT weight; a
+    mismatch refuses the export rather than producing a model that differs.
+    """
+    model = model.eval()
+    deploy = copy.deepcopy(model)
+    layers: list[DeployedLayer] = []
+    for name, layer in quantized_layers(model):
+        cls = DeployConv2d if isinstance(layer, QConv2d) else DeployLinear
+        deployed = cls(layer)
+        _check_folded_weight(name, layer, deployed)
+        weight_kind, act_kind = _spec_kinds(layer)
+        layers.append(DeployedLayer(name, deployed, weight_kind, layer.weight_quant.bits,
+                                    act_kind, layer.act_quant.bits, layer.weight.numel()))
+        parent_name, _, child = name.rpartition(".")
+        setattr(deploy.get_submodule(parent_name) if parent_name else deploy, child, deployed)
+        if progress is not None:
+            progress(name)
+    return deploy.eval(), layers

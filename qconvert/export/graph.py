@@ -1,0 +1,47 @@
+"""Queries on an exported graph by PyTorch module scope (the exporter records each
+node's module path in its ``pkg.torch.onnx.name_scopes`` metadata)."""
+
+from __future__ import annotations
+
+import ast
+
+import onnx
+
+SCOPE_KEY = "pkg.torch.onnx.name_scopes"
+
+
+def node_scopes(node: onnx.NodeProto) -> list[str]:
+    for prop in node.metadata_props:
+        if prop.key == SCOPE_KEY:
+            return list(ast.literal_eval(prop.value))
+    return []
+
+
+def scope_nodes(graph: onnx.GraphProto, scope: str,
+                exclude: tuple[str, ...] = ()) -> list[onnx.NodeProto]:
+    """Nodes inside module ``scope`` (not inside any scope of ``exclude``), in graph order."""
+    return [n for n in graph.node
+            if scope in (scopes := node_scopes(n)) and not any(e in scopes for e in exclude)]
+
+
+def layer_scope_outputs(graph: onnx.GraphProto, scope: str,
+                        exclude: tuple[str, ...] = ()) -> list[str]:
+    """Values made inside ``scope`` and used outside it (or returned by the graph)."""
+    inside = scope_nodes(graph, scope, exclude)
+    inside_ids = {id(n) for n in inside}
+    produced = [o for n in inside for o in n.output]
+    used_outside = {i for n in graph.node if id(n) not in inside_ids for i in n.input}
+    used_outside |= {o.name for o in graph.output}
+    return [v for v in produced if v in used_outside]
+
+
+def scope_inputs(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> list[str]:
+    """Values the given nodes read that they do not make themselves and are not initializers."""
+    produced = {o for n in nodes for o in n.output}
+    constants = {i.name for i in graph.initializer}
+    seen: list[str] = []
+    for node in nodes:
+        for value in node.input:
+            if value and value not in produced and value not in constants and value not in seen:
+                seen.append(value)
+    return seen

@@ -1,0 +1,171 @@
+"""Deploy form -> ONNX: torch.onnx (dynamo) with the qconvert translations, then the
+model-local function bodies, metadata, a full checker pass and an atomic write."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+
+from .. import __version__
+from ..checkpoint import Checkpoint
+from ..errors import QConvertError
+from ..ops import DOMAIN, MAX_OPSET, MIN_OPSET, OPS, functions, translation_table
+from .deploy import DeployedLayer, to_deploy
+from .graph import layer_scope_outputs, scope_nodes
+
+INPUT_NAME, OUTPUT_NAME = "input", "output"
+ACT_SUFFIX, OUT_SUFFIX = "act_q", "out"
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    model: onnx.ModelProto
+    layers: list[DeployedLayer]
+    file_bytes: int
+
+
+def _torch_export(deploy: torch.nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
+    batch = torch.export.Dim("batch", min=1)
+    # The exporter is chatty (warnings, progress prints); qconvert shows its own summary.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        try:
+            program = torch.onnx.export(
+                deploy, (example,), dynamo=True, opset_version=opset,
+                custom_translation_table=translation_table(),
+                dynamic_shapes=({0: batch},), input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME], verbose=False,
+            )
+        except Exception as exc:  # the exporter raises many types; name the model part
+            detail = " ".join(str(exc).split())[:300]
+            raise QConvertError(
+                f"torch.onnx cannot export this model ({type(exc).__name__}: {detail}); "
+                "only static graphs of supported layers export faithfully"
+            ) from exc
+    return program.model_proto
+
+
+def rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for node in graph.node:
+        node.input[:] = [new if n == old else n for n in node.input]
+        node.output[:] = [new if n == old else n for n in node.output]
+    for value in list(graph.output) + list(graph.value_info):
+        if value.name == old:
+            value.name = new
+
+
+def _name_layer_outputs(model: onnx.ModelProto, layers: list[DeployedLayer]) -> None:
+    """Give each layer's quantized activation and output a readable, stable name.
+
+    A scope's last outgoing value is its result; earlier ones are values the
+    exporter shares between modules (e.g. one ReduceMean feeding two adapters).
+    """
+    graph_outputs = {o.name for o in model.graph.output}
+    for layer in layers:
+        for scope, suffix in ((f"{layer.name}.act", ACT_SUFFIX), (layer.name, OUT_SUFFIX)):
+            values = layer_scope_outputs(model.graph, scope)
+            if values and values[-1] not in graph_outputs:
+                rename_value(model.graph, values[-1], f"{layer.name}/{suffix}")
+
+
+def _layer_records(model: onnx.ModelProto, layers: list[DeployedLayer]) -> dict[str, dict]:
+    """Per layer: quantizer kinds and bits, and the nodes of its activation quantizer
+    (without the ASQ adapter), which validation runs alone for its op-level check."""
+    return {
+        layer.name: {
+            "weight": [layer.weight_kind, layer.weight_bits],
+            "act": [layer.act_kind, layer.act_bits],
+            "act_nodes": [n.name for n in scope_nodes(model.graph, f"{layer.name}.act",
+                                                      exclude=(f"{layer.name}.act.adapter",))],
+        }
+        for layer in layers
+    }
+
+
+def _strip_exporter_annotations(model: onnx.ModelProto) -> None:
+    """Drop per-node stack traces / scopes and shape annotations: they would outweigh
+    the packed weights of a small model. Runtimes infer shapes themselves."""
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    del model.graph.value_info[:]
+
+
+def _metadata(ckpt: Checkpoint, records: dict[str, dict]) -> dict[str, str]:
+    return {
+        "qconvert_version": __version__,
+        "qconvert_scheme": ckpt.scheme,
+        "qconvert_arch": ckpt.arch,
+        "qconvert_layers": json.dumps(records, separators=(",", ":")),
+        "qconvert_checkpoint_sha256": ckpt.sha256,
+        "qconvert_input": json.dumps(ckpt.input.to_dict()),
+    }
+
+
+def used_ops(model: onnx.ModelProto) -> set[str]:
+    return {n.op_type for n in model.graph.node if n.domain == DOMAIN}
+
+
+def build_onnx(ckpt: Checkpoint, opset: int = 20, with_functions: bool = True,
+               progress=None) -> tuple[onnx.ModelProto, list[DeployedLayer]]:
+    """The exported ModelProto (checked) and its layers; nothing is written."""
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise QConvertError(f"opset {opset} is outside the range the qconvert ops allow "
+                            f"({MIN_OPSET}..{MAX_OPSET}); pick one in range with --opset")
+    deploy, layers = to_deploy(ckpt.model, progress=progress)
+    example = torch.zeros((2, *ckpt.input.shape))
+    model = _torch_export(deploy, example, opset)
+    _name_layer_outputs(model, layers)
+    records = _layer_records(model, layers)
+    _strip_exporter_annotations(model)
+    if with_functions:
+        model.functions.extend(functions(opset, used_ops(model)))
+    for key, value in _metadata(ckpt, records).items():
+        model.metadata_props.add(key=key, value=value)
+    model.producer_name, model.producer_version = "qconvert", __version__
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise QConvertError(f"exported model fails the ONNX checker: {exc}") from exc
+    assert used_ops(model) <= set(OPS)
+    return model, layers
+
+
+def write_atomically(model: onnx.ModelProto, out: Path, force: bool) -> int:
+    """Write next to ``out`` and rename on success: never a half-written or clobbered file."""
+    if out.exists() and not force:
+        raise QConvertError(f"{out} exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise QConvertError(f"{out.parent}: no such directory for the output model")
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(model.SerializeToString())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out.stat().st_size
+
+
+def export_checkpoint(ckpt: Checkpoint, out: str | Path, opset: int = 20,
+                      with_functions: bool = True, force: bool = False,
+                      progress=None) -> ExportResult:
+    out = Path(out)
+    if out.exists() and not force:  # fail before the slow part
+        raise QConvertError(f"{out} exists; pass --force to overwrite it")
+    model, layers = build_onnx(ckpt, opset, with_functions, progress)
+    size = write_atomically(model, out, force)
+    return ExportResult(out, model, layers, size)
