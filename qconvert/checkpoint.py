@@ -19,6 +19,7 @@ from torch import nn
 from .archs import build_architecture
 from .errors import QConvertError
 from .quant import LayerSpec, apply_layer_specs
+from .quant.checks import first_parameter_problem
 
 FORMAT_NAME = "qconvert-checkpoint"
 FORMAT_VERSION = 1
@@ -112,10 +113,7 @@ def load_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
         raise QConvertError(f"{path}: no such checkpoint file")
     payload = _read_payload(path, allow_pickle)
     if isinstance(payload, nn.Module):
-        raise QConvertError(
-            f"{path}: a whole pickled module, not a qconvert checkpoint; "
-            "re-save it with qconvert.save_checkpoint"
-        )
+        return _from_pickled_module(path, payload)
     if not isinstance(payload, Mapping) or payload.get("format") != FORMAT_NAME:
         raise QConvertError(
             f"{path}: not a qconvert checkpoint (no format '{FORMAT_NAME}'); "
@@ -129,23 +127,80 @@ def load_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
     return _build(path, payload)
 
 
+def _from_pickled_module(path: Path, model: nn.Module) -> Checkpoint:
+    """A whole module saved with torch.save (loaded only with allow_pickle): it must come
+    from quantize_model and say its input shape in ``model.qconvert_input``."""
+    specs = getattr(model, "qconvert_specs", None)
+    spec = getattr(model, "qconvert_input", None)
+    if specs is None or spec is None:
+        raise QConvertError(
+            f"{path}: a pickled module without qconvert_specs / qconvert_input; quantize it "
+            "with qconvert.quant.quantize_model and save it with qconvert.save_checkpoint")
+    problem = first_parameter_problem(model)
+    if problem:
+        raise QConvertError(f"{path}: {problem}")
+    input_spec = InputSpec(tuple(spec["shape"]), tuple(spec.get("mean", ())),
+                           tuple(spec.get("std", ())))
+    return Checkpoint(model=model.eval(), arch=f"pickled:{type(model).__qualname__}",
+                      arch_kwargs={}, scheme=getattr(model, "qconvert_scheme", "custom"),
+                      layer_specs=dict(specs), input=input_spec, sha256=file_sha256(path),
+                      path=path)
+
+
+def _layer_specs(path: Path, layers: Mapping) -> dict[str, LayerSpec | None]:
+    specs = {}
+    for name, spec in layers.items():
+        try:
+            specs[name] = None if spec is None else LayerSpec.from_dict(spec)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise QConvertError(f"{path}: layer {name}: bad quantizer spec ({exc}); "
+                                "re-save the checkpoint with qconvert.save_checkpoint") from exc
+    return specs
+
+
+def _state_dict_mismatch(model: nn.Module, state: Mapping) -> str | None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    if missing or extra:
+        parts = ([f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else "")]
+                 if missing else []) + ([f"unexpected {', '.join(extra[:3])}" +
+                                         (" ..." if len(extra) > 3 else "")] if extra else [])
+        return "; ".join(parts)
+    for key, value in expected.items():
+        got = state[key]
+        if not isinstance(got, torch.Tensor) or got.shape != value.shape:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            return f"{key} has shape {shape}, the architecture needs {tuple(value.shape)}"
+    return None
+
+
 def _build(path: Path, payload: Mapping) -> Checkpoint:
-    arch = payload["arch"]
+    try:
+        arch, layers, state = payload["arch"], payload["layers"], payload["state_dict"]
+        spec = payload["input"]
+    except KeyError as exc:
+        raise QConvertError(f"{path}: checkpoint lacks the entry {exc}; "
+                            "re-save it with qconvert.save_checkpoint") from exc
     try:
         model = build_architecture(arch["name"], arch.get("kwargs"))
-        specs = {name: None if s is None else LayerSpec.from_dict(s)
-                 for name, s in payload["layers"].items()}
-        apply_layer_specs(model, specs)
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise QConvertError(f"{path}: cannot rebuild the model: {exc}") from exc
-    model.qconvert_scheme = payload.get("scheme", "custom")
+    except (ValueError, TypeError) as exc:
+        raise QConvertError(f"{path}: {exc}") from exc
+    specs = _layer_specs(path, layers)
     try:
-        model.load_state_dict(payload["state_dict"], strict=True)
-    except RuntimeError as exc:
-        detail = " ".join(str(exc).split())
-        raise QConvertError(f"{path}: state dict does not fit the architecture: {detail}") from exc
+        apply_layer_specs(model, specs)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise QConvertError(f"{path}: cannot rebuild the quantized model: {exc}") from exc
+    model.qconvert_scheme = payload.get("scheme", "custom")
+    mismatch = _state_dict_mismatch(model, state)
+    if mismatch:
+        raise QConvertError(f"{path}: state dict does not fit architecture "
+                            f"{arch['name']!r}: {mismatch}")
+    model.load_state_dict(state, strict=True)
+    problem = first_parameter_problem(model)
+    if problem:
+        raise QConvertError(f"{path}: {problem}")
     model.eval()
-    spec = payload["input"]
     return Checkpoint(
         model=model,
         arch=arch["name"],

@@ -1,4 +1,5 @@
-"""Input preprocessing from a checkpoint's input spec: the one path training and validation share."""
+"""Input preprocessing from a checkpoint's input spec, the one path training and
+validation share."""
 
 from __future__ import annotations
 

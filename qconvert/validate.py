@@ -21,8 +21,8 @@ from onnx import TensorProto, helper
 from .calib import CalibData
 from .checkpoint import Checkpoint
 from .export.deploy import quantized_layers
-from .export.onnx_export import ACT_SUFFIX, OUT_SUFFIX
 from .export.graph import scope_inputs
+from .export.onnx_export import ACT_SUFFIX, OUT_SUFFIX
 from .preprocess import prepare_inputs
 from .runtime import Session
 

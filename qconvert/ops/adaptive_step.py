@@ -46,8 +46,9 @@ def function(opset: int) -> onnx.FunctionProto:
     hi = fb.node("Cast", fb.node("Sub", span, fb.const(1, np.int64)), to=onnx.TensorProto.FLOAT)
     lo = fb.node("Cast", fb.node("Neg", fb.node("Mul", span, signed)), to=onnx.TensorProto.FLOAT)
     rank = fb.node("Size", fb.node("Shape", "X"))
-    ones = fb.node("ConstantOfShape", fb.node("Reshape", fb.node("Sub", rank, fb.const(1, np.int64)),
-                                              fb.const([1], np.int64)),
+    trailing = fb.node("Reshape", fb.node("Sub", rank, fb.const(1, np.int64)),
+                       fb.const([1], np.int64))
+    ones = fb.node("ConstantOfShape", trailing,
                    value=onnx.helper.make_tensor("one", onnx.TensorProto.INT64, [1], [1]))
     per_sample = fb.node("Concat", fb.node("Shape", "beta"), ones, axis=0)
     s_a = fb.node("Reshape", fb.node("Mul", "step", "beta"), per_sample)

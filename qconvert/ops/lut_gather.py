@@ -70,7 +70,8 @@ def lut_gather(codes: torch.Tensor, table: torch.Tensor, bits: int,
     values = unpack_codes_torch(codes, bits, count)
     rows, width = (1, table.shape[0]) if table.dim() == 1 else tuple(table.shape)
     if count and int(values.max()) >= width:
-        raise ValueError(f"LutGather: code {int(values.max())} is outside a table of {width} levels")
+        raise ValueError(
+            f"LutGather: code {int(values.max())} is outside a table of {width} levels")
     channel = torch.arange(count) // max(1, count // rows)
     return table.reshape(-1)[channel * width + values].reshape(shape)
 

@@ -55,8 +55,10 @@ def compand_quant_cases() -> list[VectorCase]:
                 theta = (rng.standard_normal(intervals) * spread).astype(np.float32)
                 slopes, offsets, levels = _lcq_tables(theta, alpha, top)
                 a = np.float32(alpha)
-                ties = (np.arange(top) + np.float32(0.5)) / np.float32(top) * a  # exact when theta=0
-                bounds = np.array([a, -a, np.nextafter(a, 0), np.nextafter(a, 2 * a), a / 16], np.float32)
+                # Exact ties when theta = 0 (f is the identity).
+                ties = (np.arange(top) + np.float32(0.5)) / np.float32(top) * a
+                bounds = np.array([a, -a, np.nextafter(a, 0), np.nextafter(a, 2 * a), a / 16],
+                                  np.float32)
                 x = np.concatenate([rng.standard_normal(120).astype(np.float32) * a,
                                     ties, -ties, bounds, SPECIAL]).astype(np.float32)
                 cases.append(_case("CompandQuant", f"b{bits}_s{signed}_k{intervals}_a{alpha}",

@@ -15,7 +15,10 @@ BETA_FLOOR = 1e-8
 
 
 class StepAdapter(nn.Module):
-    """GAP (4-D inputs) -> Linear(C, C//4) -> ReLU -> Linear(C//4, 1) -> ReLU; C < 8: Linear(C, 1)."""
+    """GAP (4-D inputs) -> Linear(C, C//4) -> ReLU -> Linear(C//4, 1) -> ReLU.
+
+    For C < 8 a single Linear(C, 1) -> ReLU.
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -56,7 +59,8 @@ class ASQQuantizer(Quantizer):
         step = grad_scale(self.step, lsq_grad_scale(self.grad_numel(x), hi))
         return self.quantize_with(x, step, self.beta(x))
 
-    def quantize_with(self, x: torch.Tensor, step: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    def quantize_with(self, x: torch.Tensor, step: torch.Tensor,
+                      beta: torch.Tensor) -> torch.Tensor:
         lo, hi = self.code_range
         s_a = (step * beta).view(-1, *([1] * (x.dim() - 1)))
         return torch.clamp(round_ste(x / s_a), lo, hi) * s_a

@@ -15,7 +15,10 @@ from .base import Quantizer, abs_quantile, grad_scale, round_ste
 
 
 def compressor(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-interval slopes ``g_k = K t_k`` and offsets ``B_k = sum_{j<k} t_j``, t = softmax(theta)."""
+    """Per-interval slopes ``g_k = K t_k`` and offsets ``B_k = sum_{j<k} t_j``.
+
+    ``t = softmax(theta)``.
+    """
     t = torch.softmax(theta, dim=0)
     offsets = torch.cat([t.new_zeros(1), torch.cumsum(t, dim=0)[:-1]])
     return t * theta.numel(), offsets
@@ -124,7 +127,8 @@ class LCQQuantizer(Quantizer):
         signed = torch.cat([-mags.flip(0)[:-1], mags])
         if self.normalize:
             if w is None:
-                raise ValueError("a normalised LCQ weight quantizer needs the weight for its levels")
+                raise ValueError("a normalised LCQ weight quantizer needs the weight "
+                                 "for its levels")
             signed = self.weight_sigma(w) * signed
         return signed
 

@@ -173,8 +173,11 @@ def apply_layer_specs(model: nn.Module, specs: Mapping[str, LayerSpec | None]) -
         if spec is None:
             continue
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        quantized = quantize_layer(getattr(parent, child), spec)
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+            quantized = quantize_layer(getattr(parent, child), spec)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise ValueError(f"layer {name}: {exc}") from exc
         quantized.layer_spec = spec
         setattr(parent, child, quantized)
     model.qconvert_specs = dict(specs)
