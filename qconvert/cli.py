@@ -210,6 +210,35 @@ def inspect_command(model: Path, as_json: bool) -> None:
                    f"MACs ({info.adapter_mac_ratio:.2%} of the rest)")
 
 
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--calib", type=click.Path(path_type=Path), help="Data for fidelity and int8 "
+              "calibration (default: --synthetic 256).")
+@click.option("--synthetic", type=int, default=256, show_default=True)
+@click.option("--threads", default=1, show_default=True, help="Intra-op threads, all models.")
+@click.option("--rounds", default=30, show_default=True, help="Interleaved timing rounds.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write results.")
+@click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG plot.")
+@_errors_to_exit_codes
+def bench(checkpoint: Path, calib: Path | None, synthetic: int, threads: int, rounds: int,
+          json_path: Path | None, plot: Path | None) -> None:
+    """Latency, size and fidelity of CHECKPOINT's export against the alternatives."""
+    from . import bench as bench_mod
+    from . import calib as calib_data
+    from .checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    data = (calib_data.load_calibration(calib, ckpt.input.shape) if calib
+            else calib_data.synthetic(synthetic, ckpt.input.shape))
+    result = bench_mod.run_bench(ckpt, data, threads=threads, rounds=rounds,
+                                 log=lambda m: click.echo(m, err=True))
+    click.echo(bench_mod.format_table(result))
+    if json_path:
+        json_path.write_text(result.to_json())
+    if plot:
+        bench_mod.plot(result, str(plot))
+
+
 @main.command("ops-lib")
 def ops_lib() -> None:
     """Print the native custom-op library's path (exit 2 when it is not built)."""

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from . import native
@@ -20,38 +21,80 @@ from .errors import QConvertError
 from .ops import DOMAIN, REFERENCE_OPS
 
 RUNTIMES = ("native", "function", "reference")
+DECODE_OPS = ("LutGather", "Pow2Shift")
 
 
 class Session:
     """One runtime behind one call: ``run(feeds, outputs=None) -> list of arrays``."""
 
-    def __init__(self, model: onnx.ModelProto, runtime: str, threads: int = 0) -> None:
+    def __init__(self, model: onnx.ModelProto, runtime: str, threads: int = 0,
+                 fold_weights: bool = True) -> None:
         self.runtime = runtime
-        self.model = model
         self.input_names = [i.name for i in model.graph.input]
         self.output_names = [o.name for o in model.graph.output]
         if runtime == "reference":
             self._impl = ReferenceEvaluator(model, new_ops=REFERENCE_OPS)
             return
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        if runtime == "native":
-            native.register(options)
-        elif _missing_functions(model):
+        if runtime == "native" and fold_weights:
+            model = fold_weight_decodes(model)
+        self._impl = _ort_session(model, runtime, threads)
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list:
+        return self._impl.run(outputs, feeds)
+
+
+def _ort_session(model: onnx.ModelProto, runtime: str, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if runtime == "native":
+        native.register(options)
+    elif _missing_functions(model):
             raise QConvertError(
                 f"the model has no function body for {', '.join(_missing_functions(model))}; "
                 "use --runtime native, or export without --no-functions"
             )
-        try:
-            self._impl = ort.InferenceSession(model.SerializeToString(), options,
-                                              providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises its own exception types
-            raise QConvertError(f"ONNX Runtime cannot load the model: {exc}") from exc
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types
+        raise QConvertError(f"ONNX Runtime cannot load the model: {exc}") from exc
 
-    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list:
-        return self._impl.run(outputs, feeds)
+
+def fold_weight_decodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Decode constant weights once, with the native kernels, into float initializers.
+
+    ORT never constant-folds custom-domain nodes, so a Conv fed by a decode kernel would
+    lose weight pre-packing and Conv+BatchNorm fusion on every inference. The file stays
+    packed; only the in-memory model holds the decoded weights.
+    """
+    constants = {i.name for i in model.graph.initializer}
+    decodes = [n for n in model.graph.node if n.domain == DOMAIN and n.op_type in DECODE_OPS
+               and all(i in constants for i in n.input)]
+    if not decodes:
+        return model
+    decode_inputs = {i for n in decodes for i in n.input}
+    probe = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            decodes, "decode", [],
+            [onnx.helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, None)
+             for n in decodes],
+            [i for i in model.graph.initializer if i.name in decode_inputs]),
+        opset_imports=model.opset_import, ir_version=model.ir_version)
+    values = _ort_session(probe, "native", 0).run(None, {})
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    folded_outputs = {n.output[0] for n in decodes}
+    kept = [n for n in folded.graph.node if n.output[0] not in folded_outputs]
+    still_read = {i for n in kept for i in n.input}
+    initializers = [i for i in folded.graph.initializer if i.name in still_read]
+    initializers += [numpy_helper.from_array(v, n.output[0])
+                     for n, v in zip(decodes, values, strict=True)]
+    del folded.graph.node[:], folded.graph.initializer[:]
+    folded.graph.node.extend(kept)
+    folded.graph.initializer.extend(initializers)
+    return folded
 
 
 def _missing_functions(model: onnx.ModelProto) -> list[str]:

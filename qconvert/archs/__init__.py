@@ -9,12 +9,13 @@ from torch import nn
 
 from .digits_cnn import DigitsCNN
 from .mobilenetv2 import mobilenetv2_small
-from .resnet import resnet20
+from .resnet import resnet18, resnet20
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "digits_cnn": DigitsCNN,
     "resnet20": resnet20,
     "mobilenetv2_small": mobilenetv2_small,
+    "resnet18": resnet18,
 }
 
 
@@ -41,4 +42,5 @@ def build_architecture(name: str, kwargs: Mapping | None = None) -> nn.Module:
     return resolve_builder(name)(**dict(kwargs or {}))
 
 
-__all__ = ["ARCHITECTURES", "DigitsCNN", "build_architecture", "mobilenetv2_small", "resnet20"]
+__all__ = ["ARCHITECTURES", "DigitsCNN", "build_architecture", "mobilenetv2_small", "resnet18",
+           "resnet20"]
