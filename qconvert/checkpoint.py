@@ -94,11 +94,14 @@ def _read_payload(path: Path, allow_pickle: bool) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as exc:
-        raise QConvertError(
-            f"{path}: holds pickled Python objects, which run code when loaded; "
-            "re-save it with qconvert.save_checkpoint, or pass --allow-pickle if you trust it"
-        ) from exc
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        if not allow_pickle and "weights_only" in str(exc):
+            raise QConvertError(
+                f"{path}: holds pickled Python objects, which run code when loaded; "
+                "re-save it with qconvert.save_checkpoint, or pass --allow-pickle if you "
+                "trust it") from exc
+        raise QConvertError(f"{path}: not a PyTorch checkpoint ({exc.__class__.__name__}); "
+                            "give a file written by qconvert.save_checkpoint") from exc
+    except Exception as exc:  # torch.load raises many types on foreign or broken files
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise QConvertError(
             f"{path}: not a readable PyTorch checkpoint ({first_line}); "

@@ -31,7 +31,7 @@ def resolve_builder(name: str) -> Callable[..., nn.Module]:
         )
     try:
         builder = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
+    except Exception as exc:  # user code may raise anything while importing
         raise ValueError(f"architecture import path {name!r} does not import: {exc}") from exc
     if not callable(builder):
         raise ValueError(f"architecture import path {name!r} is not callable")

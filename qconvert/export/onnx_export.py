@@ -95,12 +95,26 @@ def _layer_records(model: onnx.ModelProto, layers: list[DeployedLayer]) -> dict[
 
 
 def _strip_exporter_annotations(model: onnx.ModelProto) -> None:
-    """Drop per-node stack traces / scopes and shape annotations: they would outweigh
-    the packed weights of a small model. Runtimes infer shapes themselves."""
+    """Drop what only the exporter needs (stack traces, scopes, shape annotations, attributes
+    equal to their defaults): on a small model these would outweigh the packed weights.
+    Runtimes infer shapes themselves."""
+    del model.graph.metadata_props[:]
+    del model.graph.value_info[:]
+    opset = next(o.version for o in model.opset_import if o.domain == "")
     for node in model.graph.node:
         del node.metadata_props[:]
         node.doc_string = ""
-    del model.graph.value_info[:]
+        if node.domain in ("", "ai.onnx"):
+            _drop_default_attributes(node, opset)
+
+
+def _drop_default_attributes(node: onnx.NodeProto, opset: int) -> None:
+    defaults = onnx.defs.get_schema(node.op_type, opset).attributes
+    keep = [a for a in node.attribute
+            if not (a.name in defaults and defaults[a.name].default_value.name
+                    and defaults[a.name].default_value == a)]
+    del node.attribute[:]
+    node.attribute.extend(keep)
 
 
 def _metadata(ckpt: Checkpoint, records: dict[str, dict]) -> dict[str, str]:
@@ -128,7 +142,9 @@ def build_onnx(ckpt: Checkpoint, opset: int = 20, with_functions: bool = True,
     example = torch.zeros((2, *ckpt.input.shape))
     model = _torch_export(deploy, example, opset)
     _name_layer_outputs(model, layers)
-    records = _layer_records(model, layers)
+    for index, node in enumerate(model.graph.node):  # short names, recorded below
+        node.name = f"n{index}"
+    records = _layer_records(model, layers)  # reads the scopes, so before stripping them
     _strip_exporter_annotations(model)
     if with_functions:
         model.functions.extend(functions(opset, used_ops(model)))

@@ -63,7 +63,7 @@ class ASQQuantizer(Quantizer):
                       beta: torch.Tensor) -> torch.Tensor:
         lo, hi = self.code_range
         s_a = (step * beta).view(-1, *([1] * (x.dim() - 1)))
-        return torch.clamp(round_ste(x / s_a), lo, hi) * s_a
+        return round_ste(torch.clamp(x / s_a, lo, hi)) * s_a  # clamp first: see LSQQuantizer
 
     def levels(self) -> torch.Tensor:
         """Levels at beta = 1 (``s * k``); sample n's levels are these with step ``s * beta_n``."""

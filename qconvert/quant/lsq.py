@@ -38,7 +38,9 @@ class LSQQuantizer(Quantizer):
         lo, hi = self.code_range
         scale = lsq_grad_scale(self.grad_numel(x), hi)
         s = grad_scale(self._step_view(x), scale)
-        return torch.clamp(round_ste(x / s), lo, hi) * s
+        # Clamp before rounding: the same values, but x within half a step beyond the
+        # range gets the "outside" gradients (0 for x, lo / hi for s) as in the paper.
+        return round_ste(torch.clamp(x / s, lo, hi)) * s
 
     def encode(self, w: torch.Tensor) -> torch.Tensor:
         """Index of each element's value in :meth:`levels` (in its channel's row if per channel)."""
