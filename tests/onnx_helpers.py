@@ -11,8 +11,10 @@ from onnx.reference import ReferenceEvaluator
 from qconvert.ops import OPS, REFERENCE_OPS, functions
 
 
-def one_node_model(op: str, inputs: list[np.ndarray], attrs: dict, opset: int = 20,
-                   with_functions: bool = True, output_shape: list | None = None) -> onnx.ModelProto:
+def one_node_model(
+    op: str, inputs: list[np.ndarray], attrs: dict, opset: int = 20,
+    with_functions: bool = True, output_shape: list | None = None,
+) -> onnx.ModelProto:
     names = OPS[op].INPUTS
     value_infos = [
         helper.make_tensor_value_info(
