@@ -27,9 +27,10 @@ class FunctionBuilder:
         self._count += 1
         return f"{hint}_{self._count}"
 
-    def node(self, op_type: str, *inputs: str, **attrs) -> str:
+    def node(self, op_type: str, *inputs: str, name: str | None = None, **attrs) -> str:
         out = self._fresh(op_type.lower())
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=name or out,
+                                           **attrs))
         return out
 
     def const(self, value, dtype=np.float32) -> str:
@@ -47,6 +48,25 @@ class FunctionBuilder:
         node.attribute.append(helper.make_attribute_ref(field, attr_type, ref_attr_name=name))
         self.nodes.append(node)
         return out
+
+    def require(self, value: str, *conditions: str) -> str:
+        """``value`` + 0, where the 0 comes from a Gather that fails unless every
+        condition (a bool scalar) holds: standard ONNX's way to refuse bad inputs with an
+        error that names the node, instead of computing garbage. ``value`` must be float."""
+        ok = conditions[0]
+        for condition in conditions[1:]:
+            ok = self.node("And", ok, condition)
+        index = self.node("Cast", self.node("Not", ok), to=onnx.TensorProto.INT64)
+        zero = self.node("Gather", self.const([0.0]), index, axis=0,  # index 1: out of bounds
+                         name=f"{self.name}_rejects_its_inputs_see_docs_ops_md")
+        return self.node("Add", value, self.node("Reshape", zero, self.const([], np.int64)))
+
+    def bits_in(self, bits: str, low: int, high: int) -> str:
+        return self.node("And", self.node("GreaterOrEqual", bits, self.const(low, np.int64)),
+                         self.node("LessOrEqual", bits, self.const(high, np.int64)))
+
+    def equal(self, a: str, b: str) -> str:
+        return self.node("Equal", a, b)
 
     def build(self, outputs: list[str], opset: int) -> onnx.FunctionProto:
         return helper.make_function(

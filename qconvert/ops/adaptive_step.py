@@ -51,7 +51,11 @@ def function(opset: int) -> onnx.FunctionProto:
     ones = fb.node("ConstantOfShape", trailing,
                    value=onnx.helper.make_tensor("one", onnx.TensorProto.INT64, [1], [1]))
     per_sample = fb.node("Concat", fb.node("Shape", "beta"), ones, axis=0)
-    s_a = fb.node("Reshape", fb.node("Mul", "step", "beta"), per_sample)
+    batch = fb.node("Gather", fb.node("Shape", "X"), fb.const(0, np.int64), axis=0)
+    step = fb.require("step", fb.bits_in(bits, 2, 8), fb.bits_in(signed, 0, 1),
+                      fb.equal(fb.node("Size", "step"), fb.const(1, np.int64)),
+                      fb.equal(fb.node("Size", "beta"), batch))
+    s_a = fb.node("Reshape", fb.node("Mul", step, "beta"), per_sample)
     q = fb.node("Clip", fb.node("Round", fb.node("Div", "X", s_a)), lo, hi)
     y = fb.node("Mul", q, s_a)
     fb.nodes.append(onnx.helper.make_node("Where", [fb.node("IsNaN", "X"), "X", y], ["Y"]))

@@ -48,9 +48,17 @@ def reference(x, alpha, slopes, offsets, levels, *, bits: int, signed: int) -> n
 def function(opset: int) -> onnx.FunctionProto:
     fb = FunctionBuilder(NAME, INPUTS, ATTRIBUTES)
     one, zero = fb.const(1.0), fb.const(0.0)
-    is_signed = fb.node("Cast", fb.attr("signed"), to=onnx.TensorProto.BOOL)
+    bits, signed = fb.attr("bits"), fb.attr("signed")
+    table_size = fb.node("Pow", fb.const(2, np.int64), fb.node("Sub", bits, signed))
+    alpha = fb.require(
+        "alpha", fb.bits_in(bits, 2, 8), fb.bits_in(signed, 0, 1),
+        fb.equal(fb.node("Size", "levels"), table_size),
+        fb.equal(fb.node("Size", "slopes"), fb.node("Size", "offsets")),
+        fb.node("Greater", fb.node("Size", "slopes"), fb.const(0, np.int64)),
+        fb.equal(fb.node("Size", "alpha"), fb.const(1, np.int64)))
+    is_signed = fb.node("Cast", signed, to=onnx.TensorProto.BOOL)
     magnitude = fb.node("Where", is_signed, fb.node("Abs", "X"), "X")
-    v = fb.node("Min", fb.node("Max", fb.node("Div", magnitude, "alpha"), zero), one)
+    v = fb.node("Min", fb.node("Max", fb.node("Div", magnitude, alpha), zero), one)
     v = fb.node("Where", fb.node("IsNaN", v), zero, v)  # keep table indices valid
     k_count = fb.node("Cast", fb.node("Size", "slopes"), to=onnx.TensorProto.FLOAT)
     s_top = fb.node("Sub", fb.node("Cast", fb.node("Size", "levels"), to=1), one)

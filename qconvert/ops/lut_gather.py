@@ -46,10 +46,19 @@ def reference(codes, table, *, bits: int, shape) -> np.ndarray:
 
 def function(opset: int) -> onnx.FunctionProto:
     fb = FunctionBuilder(NAME, INPUTS, ATTRIBUTES)
-    shape = fb.attr("shape", "ints")
+    shape, bits = fb.attr("shape", "ints"), fb.attr("bits")
     count = fb.node("ReduceProd", shape, keepdims=0)
-    codes = unpack_codes(fb, "codes", fb.attr("bits"), count)
+    codes = unpack_codes(fb, "codes", bits, count)
     width = fb.node("Gather", fb.node("Shape", "table"), fb.const(-1, np.int64), axis=0)
+    rank = fb.node("Size", fb.node("Shape", "table"))
+    first_dim = fb.node("Gather", fb.node("Shape", "table"), fb.const(0, np.int64), axis=0)
+    channels = fb.node("Gather", shape, fb.const(0, np.int64), axis=0)
+    table = fb.require(
+        "table", fb.bits_in(bits, 1, 8),
+        fb.node("LessOrEqual", width, fb.node("Pow", fb.const(2, np.int64), bits)),
+        fb.node("Or", fb.equal(rank, fb.const(1, np.int64)),
+                fb.node("And", fb.equal(rank, fb.const(2, np.int64)),
+                        fb.equal(first_dim, channels))))
     rows = fb.node("Div", fb.node("Size", "table"), width)
     channel = fb.node("Div", fb.node("Range", fb.const(0, np.int64), count, fb.const(1, np.int64)),
                       fb.node("Div", count, rows))
@@ -57,7 +66,7 @@ def function(opset: int) -> onnx.FunctionProto:
     # A code outside the table becomes an index Gather rejects: an error, never a wrong read.
     invalid = fb.node("Sub", fb.node("Neg", fb.node("Size", "table")), fb.const(1, np.int64))
     flat = fb.node("Where", fb.node("Less", codes, width), flat, invalid)
-    flat_table = fb.node("Reshape", "table", fb.const([-1], np.int64))
+    flat_table = fb.node("Reshape", table, fb.const([-1], np.int64))
     values = fb.node("Gather", flat_table, flat, axis=0)
     fb.nodes.append(onnx.helper.make_node("Reshape", [values, shape], ["Y"]))
     return fb.build(["Y"], opset)

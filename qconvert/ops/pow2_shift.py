@@ -65,7 +65,13 @@ def function(opset: int) -> onnx.FunctionProto:
     root_row = fb.node("Sub", fb.attr("root"), fb.const(1, np.int64))
     mags = fb.node("Gather", fb.const(tables), root_row, axis=0)
     safe_exponent = fb.node("Min", exponent, fb.const(tables.shape[1] - 1, np.int64))
-    alpha = fb.node("Reshape", "alpha", fb.const([-1], np.int64))
+    channels = fb.node("Gather", shape, fb.const(0, np.int64), axis=0)
+    alpha_size = fb.node("Size", "alpha")
+    checked = fb.require(
+        "alpha", fb.bits_in(bits, 2, 8), fb.bits_in(fb.attr("root"), 1, 2),
+        fb.node("Or", fb.equal(alpha_size, fb.const(1, np.int64)),
+                fb.equal(alpha_size, channels)))
+    alpha = fb.node("Reshape", checked, fb.const([-1], np.int64))
     channel = fb.node("Div", fb.node("Range", fb.const(0, np.int64), count, fb.const(1, np.int64)),
                       fb.node("Div", count, fb.node("Size", alpha)))
     y = fb.node("Mul", fb.node("Gather", alpha, channel, axis=0),
