@@ -139,9 +139,25 @@ def validate(checkpoint: Path, model: Path, calib: Path | None, synthetic: int |
     if plot:
         val.plot(result, str(plot))
     if not result.passed:
-        click.echo("FAIL: parity outside the thresholds", err=True)
+        click.echo(f"FAIL: parity outside the thresholds; {_diagnosis(result)}", err=True)
         sys.exit(EXIT_PARITY)
     click.echo("PASS")
+
+
+def _diagnosis(r) -> str:
+    """Tell an op error from float-order drift, which --per-layer can separate."""
+    if r.nan_samples:
+        return f"{r.nan_samples} samples gave NaN"
+    checked = [layer for layer in r.layers if not layer.merged]
+    if not checked:
+        return "run with --per-layer to tell an op error from accumulated float drift"
+    wrong = [layer.name for layer in checked if layer.op_mismatches]
+    if wrong:
+        return f"quantizer ops differ from PyTorch in {', '.join(wrong)} (an export or op error)"
+    first = next((layer.name for layer in checked if layer.out_sqnr_db is not None), "?")
+    return ("every quantizer op matches PyTorch exactly; the difference is float drift "
+            f"(convolution summation order) first seen at {first}, amplified where it flips "
+            "a rounding decision; raise --max-abs-diff / --max-rel-diff if that is acceptable")
 
 
 def _check_provenance(ckpt, onnx_model, model_path: Path, strict: bool) -> None:

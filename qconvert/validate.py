@@ -141,10 +141,10 @@ class _LayerChecker:
         self.sessions = {name: make_session(quantizer_submodel(model, rec["act_nodes"]))
                          for name, rec in self.records.items() if rec["act_nodes"]}
         self.energy = {name: [0.0, 0.0, 0.0, 0.0] for name in self.records}
-        # A quantizer the exporter merged with an identical twin has no value of its own.
-        values = {o for n in model.graph.node for o in n.output}
-        self.extra_outputs = [f"{n}/{s}" for n in self.records for s in (ACT_SUFFIX, OUT_SUFFIX)
-                              if f"{n}/{s}" in values]
+        # ONNX value name -> PyTorch capture key, for the values export recorded.
+        self.watched = {value: f"{name}/{suffix}" for name, rec in self.records.items()
+                        for suffix, value in rec.get("values", {}).items()}
+        self.extra_outputs = list(self.watched)
 
     def teacher_forced(self, captured: dict[str, torch.Tensor]) -> None:
         for name, sess in self.sessions.items():
@@ -163,13 +163,12 @@ class _LayerChecker:
 
     def free_running(self, outputs: dict[str, np.ndarray],
                      captured: dict[str, torch.Tensor]) -> None:
-        for name in self.records:
-            for slot, suffix in ((0, ACT_SUFFIX), (2, OUT_SUFFIX)):
-                key = f"{name}/{suffix}"
-                if key in outputs:
-                    want = captured[key].double().numpy()
-                    self.energy[name][slot] += float((want**2).sum())
-                    self.energy[name][slot + 1] += float(((outputs[key] - want) ** 2).sum())
+        for value, key in self.watched.items():
+            name, suffix = key.rsplit("/", 1)
+            slot = 0 if suffix == ACT_SUFFIX else 2
+            want = captured[key].double().numpy()
+            self.energy[name][slot] += float((want**2).sum())
+            self.energy[name][slot + 1] += float(((outputs[value] - want) ** 2).sum())
 
     def finish(self) -> list[LayerReport]:
         for name, report in self.reports.items():
@@ -204,7 +203,8 @@ def validate(
                                ckpt.input.mean, ckpt.input.std)
             with torch.no_grad():
                 torch_out = ckpt.model(x).numpy()
-            names = [output_name] + (checker.extra_outputs if checker else [])
+            extra = checker.extra_outputs if checker else []
+            names = [output_name] + [n for n in extra if n != output_name]
             results = dict(zip(names, session.run({input_name: x.numpy()}, names), strict=True))
             if checker:
                 checker.teacher_forced(captures.values)
@@ -253,6 +253,28 @@ def judge(report: Report, min_agreement: float, max_abs_diff: float | None,
     return report
 
 
+def _plot_layer_sqnr(ax, layers: list[LayerReport]) -> None:
+    """Free-running SQNR of each layer's quantized input and output; identical ones are
+    drawn at a cap and labelled 'exact' (their SQNR is infinite)."""
+    finite = [v for layer in layers for v in (layer.act_sqnr_db, layer.out_sqnr_db)
+              if v is not None and math.isfinite(v)]
+    cap = max(finite, default=100.0) + 20
+    rows = np.arange(len(layers))
+    for offset, attr, label in ((-0.2, "act_sqnr_db", "quantized input"),
+                                (0.2, "out_sqnr_db", "layer output")):
+        values = [getattr(layer, attr) for layer in layers]
+        bars = ax.barh(rows + offset, [cap if v is None else v for v in values], height=0.4,
+                       label=label)
+        for bar, value in zip(bars, values, strict=True):
+            if value is None:
+                ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, " exact",
+                        va="center", fontsize=6)
+    ax.set_yticks(rows, [layer.name for layer in layers], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("free-running SQNR against PyTorch, dB")
+    ax.legend(fontsize=7, loc="lower right")
+
+
 def plot(report: Report, path: str) -> None:
     """Per-layer SQNR (free-running) and a histogram of per-sample max output differences."""
     import matplotlib
@@ -261,15 +283,9 @@ def plot(report: Report, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_layers, ax_hist) = plt.subplots(1, 2, figsize=(12, 4.5))
-    if report.layers:
-        cap = 150.0  # identical layers (infinite SQNR) are drawn at the cap
-        names = [layer.name for layer in report.layers]
-        values = [cap if layer.act_sqnr_db is None else min(layer.act_sqnr_db, cap)
-                  for layer in report.layers]
-        ax_layers.barh(names, values, color="tab:blue")
-        ax_layers.set_xlabel(f"SQNR of quantized layer input, dB (identical drawn at {cap:.0f})")
-        ax_layers.invert_yaxis()
-        ax_layers.tick_params(axis="y", labelsize=7)
+    layers = [layer for layer in report.layers if not layer.merged]
+    if layers:
+        _plot_layer_sqnr(ax_layers, layers)
     else:
         ax_layers.text(0.5, 0.5, "run with --per-layer for per-layer SQNR", ha="center")
         ax_layers.set_axis_off()

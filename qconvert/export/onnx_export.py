@@ -66,27 +66,41 @@ def rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:
             value.name = new
 
 
-def _name_layer_outputs(model: onnx.ModelProto, layers: list[DeployedLayer]) -> None:
-    """Give each layer's quantized activation and output a readable, stable name.
+def _name_layer_outputs(model: onnx.ModelProto,
+                        layers: list[DeployedLayer]) -> dict[str, dict[str, str]]:
+    """Give each layer's quantized activation and output a readable, stable name, and
+    return the value names per layer (a graph output keeps its name).
 
     A scope's last outgoing value is its result; earlier ones are values the
     exporter shares between modules (e.g. one ReduceMean feeding two adapters).
+    A quantizer merged with an identical twin has no value of its own.
     """
     graph_outputs = {o.name for o in model.graph.output}
+    names: dict[str, dict[str, str]] = {}
     for layer in layers:
+        names[layer.name] = {}
         for scope, suffix in ((f"{layer.name}.act", ACT_SUFFIX), (layer.name, OUT_SUFFIX)):
             values = layer_scope_outputs(model.graph, scope)
-            if values and values[-1] not in graph_outputs:
-                rename_value(model.graph, values[-1], f"{layer.name}/{suffix}")
+            if not values:
+                continue
+            value = values[-1]
+            if value not in graph_outputs:
+                rename_value(model.graph, value, f"{layer.name}/{suffix}")
+                value = f"{layer.name}/{suffix}"
+            names[layer.name][suffix] = value
+    return names
 
 
-def _layer_records(model: onnx.ModelProto, layers: list[DeployedLayer]) -> dict[str, dict]:
-    """Per layer: quantizer kinds and bits, and the nodes of its activation quantizer
-    (without the ASQ adapter), which validation runs alone for its op-level check."""
+def _layer_records(model: onnx.ModelProto, layers: list[DeployedLayer],
+                   values: dict[str, dict[str, str]]) -> dict[str, dict]:
+    """Per layer: quantizer kinds and bits, the names of its quantized-input and output
+    values, and the nodes of its activation quantizer (without the ASQ adapter), which
+    validation runs alone for its op-level check."""
     return {
         layer.name: {
             "weight": [layer.weight_kind, layer.weight_bits],
             "act": [layer.act_kind, layer.act_bits],
+            "values": values[layer.name],
             "act_nodes": [n.name for n in scope_nodes(model.graph, f"{layer.name}.act",
                                                       exclude=(f"{layer.name}.act.adapter",))],
         }
@@ -141,10 +155,10 @@ def build_onnx(ckpt: Checkpoint, opset: int = 20, with_functions: bool = True,
     deploy, layers = to_deploy(ckpt.model, progress=progress)
     example = torch.zeros((2, *ckpt.input.shape))
     model = _torch_export(deploy, example, opset)
-    _name_layer_outputs(model, layers)
+    values = _name_layer_outputs(model, layers)
     for index, node in enumerate(model.graph.node):  # short names, recorded below
         node.name = f"n{index}"
-    records = _layer_records(model, layers)  # reads the scopes, so before stripping them
+    records = _layer_records(model, layers, values)  # reads scopes: before stripping them
     _strip_exporter_annotations(model)
     if with_functions:
         model.functions.extend(functions(opset, used_ops(model)))
