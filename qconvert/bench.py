@@ -236,6 +236,51 @@ def format_table(result: BenchResult) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(result: BenchResult) -> str:
+    """The same table as markdown, ratios first, with the issue's targets marked."""
+    rows = result.candidates
+    fp32 = next(r for r in rows if r["name"].startswith("FP32"))
+    eager = next(r for r in rows if r["name"].startswith("PyTorch"))
+    batches = sorted(fp32["latency_ms"], key=int)
+    head = ("| model | " + " | ".join(f"b{b} x FP32 | b{b} ms (p90)" for b in batches)
+            + " | file x ideal | file x FP32 | top-1 agreement |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        cells = []
+        for b in batches:
+            lat = r["latency_ms"][b]
+            cells += [f"{lat['median'] / fp32['latency_ms'][b]['median']:.2f}",
+                      f"{lat['median']:.2f} ({lat['p90']:.2f})"]
+        size = r["file_bytes"]
+        sizes = ([f"{size / result.ideal_bytes:.2f}", f"{size / fp32['file_bytes']:.3f}"]
+                 if size else ["-", "-"])
+        lines.append(f"| {r['name']} | " + " | ".join(cells + sizes)
+                     + f" | {r['top1_agreement']:.2%} |")
+    native = next((r for r in rows if r["name"] == "qconvert native"), None)
+    if native:
+        b1 = batches[0]
+        speedup = eager["latency_ms"][b1]["median"] / native["latency_ms"][b1]["median"]
+        lines.append("")
+        lines.append(f"- qconvert native vs PyTorch eager QAT at batch {b1}: "
+                     f"{speedup:.1f}x faster (target >= 3x: {'met' if speedup >= 3 else 'MISSED'})")
+        for b in batches:
+            ratio = native["latency_ms"][b]["median"] / fp32["latency_ms"][b]["median"]
+            lines.append(f"- native latency at batch {b}: {ratio:.2f}x FP32 "
+                         f"(target <= 1.10x: {'met' if ratio <= 1.10 else 'MISSED'})")
+        size_ratio = native["file_bytes"] / result.ideal_bytes
+        lines.append(f"- file {native['file_bytes']} B = {size_ratio:.2f}x ideal packed "
+                     f"({result.ideal_bytes} B; target <= 1.10x: "
+                     f"{'met' if size_ratio <= 1.10 else 'MISSED'}), "
+                     f"{native['file_bytes'] / fp32['file_bytes']:.3f}x the FP32 file")
+    lines.append(f"- export: {result.export_seconds:.1f} s vs {result.float_export_seconds:.1f} s "
+                 f"for torch.onnx.export of the float model "
+                 f"({result.export_seconds / result.float_export_seconds:.2f}x)")
+    lines.append(f"- validation: {result.validate_samples_per_s:.0f} samples/s; bare inference "
+                 f"of both models {result.bare_samples_per_s:.0f} samples/s")
+    lines += [f"- note: {n}" for n in result.notes]
+    return "\n".join(lines)
+
+
 def plot(result: BenchResult, path: str) -> None:
     import matplotlib
 

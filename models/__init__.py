@@ -1,0 +1,1 @@
+"""Training recipes for the shipped QAT checkpoints (scikit-learn digits)."""
