@@ -24,6 +24,8 @@ class CalibData:
 
 
 def _check(x: np.ndarray, y: np.ndarray | None, source: str, shape: tuple[int, ...]) -> CalibData:
+    if x.ndim == 0:
+        raise QConvertError(f"{source}: holds a single number, not [N, ...] samples")
     if x.dtype.kind not in "fiu":
         raise QConvertError(f"{source}: samples have dtype {x.dtype}; numeric arrays are needed")
     if x.shape[0] == 0:
@@ -49,17 +51,24 @@ def _check(x: np.ndarray, y: np.ndarray | None, source: str, shape: tuple[int, .
 
 
 def _load_array_file(path: Path, shape: tuple[int, ...]) -> CalibData:
+    # .npz members load lazily, so every read stays inside the try.
     try:
         data = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise QConvertError(f"{path}: not a readable .npz/.npy file ({exc})") from exc
-    if isinstance(data, np.ndarray):
-        return _check(data, None, str(path), shape)
-    with data:
-        if "x" not in data.files:
-            raise QConvertError(f"{path}: no array 'x' (found {', '.join(data.files) or 'none'}); "
-                                "save samples as x= and optional labels as y=")
-        return _check(data["x"], data["y"] if "y" in data.files else None, str(path), shape)
+        if isinstance(data, np.ndarray):
+            x, y = data, None
+        else:
+            with data:
+                if "x" not in data.files:
+                    raise QConvertError(
+                        f"{path}: no array 'x' (found {', '.join(data.files) or 'none'}); "
+                        "save samples as x= and optional labels as y=")
+                x, y = data["x"], data["y"] if "y" in data.files else None
+    except QConvertError:
+        raise
+    except Exception as exc:  # numpy raises ValueError, OSError, BadZipFile, EOFError, ...
+        raise QConvertError(f"{path}: not a readable .npz/.npy file "
+                            f"({type(exc).__name__}: {exc})") from exc
+    return _check(x, y, str(path), shape)
 
 
 def _load_image_folder(folder: Path, shape: tuple[int, ...]) -> CalibData:

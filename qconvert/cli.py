@@ -62,11 +62,10 @@ def export(checkpoint: Path, out: Path, opset: int, no_functions: bool, force: b
            allow_pickle: bool) -> None:
     """Export CHECKPOINT to an ONNX model with qconvert ops and packed low-bit weights."""
     from .checkpoint import load_checkpoint
-    from .export.onnx_export import export_checkpoint
+    from .export.onnx_export import check_output_path, export_checkpoint
     from .inspect_model import inspect_model
 
-    if out.exists() and not force:
-        raise QConvertError(f"{out} exists; pass --force to overwrite it")
+    check_output_path(out, force)
     started = time.perf_counter()
     ckpt = load_checkpoint(checkpoint, allow_pickle=allow_pickle)
     count = sum(1 for _ in ckpt.layer_specs)
@@ -95,7 +94,7 @@ def export(checkpoint: Path, out: Path, opset: int, no_functions: bool, force: b
 @click.option("--synthetic", type=int, help="Use N random samples instead of --calib.")
 @click.option("--runtime", type=click.Choice(["native", "function", "reference"]),
               help="Default: native when the library is built, else function.")
-@click.option("--batch-size", default=64, show_default=True)
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--per-layer", is_flag=True,
               help="Teacher-forced op-level check and free-running SQNR per layer.")
 @click.option("--min-agreement", default=1.0, show_default=True,
@@ -121,6 +120,9 @@ def validate(checkpoint: Path, model: Path, calib: Path | None, synthetic: int |
 
     if (calib is None) == (synthetic is None):
         raise QConvertError("give exactly one of --calib DATA or --synthetic N")
+    for path in (report, plot):  # fail now, not after the whole validation
+        if path is not None and not path.parent.is_dir():
+            raise QConvertError(f"{path.parent}: no such directory for {path.name}")
     ckpt = load_checkpoint(checkpoint, allow_pickle=allow_pickle)
     onnx_model = load_model(model)
     _check_provenance(ckpt, onnx_model, model, strict)
@@ -149,9 +151,9 @@ def _diagnosis(r) -> str:
     if r.nan_samples:
         return f"{r.nan_samples} samples gave NaN"
     checked = [layer for layer in r.layers if not layer.merged]
-    if not checked:
+    if not r.layers:
         return "run with --per-layer to tell an op error from accumulated float drift"
-    wrong = [layer.name for layer in checked if layer.op_mismatches]
+    wrong = [layer.name for layer in r.layers if layer.op_mismatches or layer.weight_mismatches]
     if wrong:
         return f"quantizer ops differ from PyTorch in {', '.join(wrong)} (an export or op error)"
     first = next((layer.name for layer in checked if layer.out_sqnr_db is not None), "?")
@@ -183,8 +185,8 @@ def _print_report(r) -> None:
     if r.torch_accuracy is not None:
         click.echo(f"accuracy: PyTorch {pct(r.torch_accuracy)}  ONNX {pct(r.onnx_accuracy)}")
     if r.layers:
-        click.echo(f"{'layer':<28} {'act':<5} {'op mismatches':>16} {'act SQNR':>10} "
-                   f"{'out SQNR':>10}")
+        click.echo(f"{'layer':<28} {'act':<5} {'op mismatches':>16} {'weight':>7} "
+                   f"{'act SQNR':>10} {'out SQNR':>10}")
         for layer in r.layers:
             if layer.merged:
                 click.echo(f"{layer.name:<28} {layer.act_kind:<5} shares its nodes with an "
@@ -193,7 +195,8 @@ def _print_report(r) -> None:
             act = "exact" if layer.act_sqnr_db is None else f"{layer.act_sqnr_db:.1f}"
             out = "exact" if layer.out_sqnr_db is None else f"{layer.out_sqnr_db:.1f}"
             click.echo(f"{layer.name:<28} {layer.act_kind:<5} "
-                       f"{layer.op_mismatches:>7}/{layer.op_elements:<8} {act:>10} {out:>10}")
+                       f"{layer.op_mismatches:>7}/{layer.op_elements:<8} "
+                       f"{layer.weight_mismatches:>7} {act:>10} {out:>10}")
 
 
 @main.command("inspect")

@@ -36,6 +36,7 @@ class LayerReport:
     op_mismatches: int = 0
     op_elements: int = 0
     op_max_abs_diff: float = 0.0
+    weight_mismatches: int = 0  # decoded ONNX weight vs the PyTorch quantized weight
     act_sqnr_db: float | None = None  # None: identical
     out_sqnr_db: float | None = None
     merged: bool = False  # the exporter shares an identical twin's nodes; checked there
@@ -131,10 +132,16 @@ def quantizer_submodel(model: onnx.ModelProto, node_names: list[str]) -> onnx.Mo
     return sub
 
 
-class _LayerChecker:
-    """Runs each layer's quantizer alone (teacher-forced) and tracks per-layer SQNR."""
+def _count_differences(got: np.ndarray, want: np.ndarray) -> int:
+    return int((~((got == want) | (np.isnan(got) & np.isnan(want)))).sum())
 
-    def __init__(self, model: onnx.ModelProto, make_session) -> None:
+
+class _LayerChecker:
+    """Runs each layer's quantizer and weight decode alone (teacher-forced) and tracks
+    per-layer SQNR."""
+
+    def __init__(self, model: onnx.ModelProto, torch_model: torch.nn.Module,
+                 make_session) -> None:
         self.records = _layer_records(model)
         self.reports = {name: LayerReport(name, rec["act"][0], merged=not rec["act_nodes"])
                         for name, rec in self.records.items()}
@@ -145,6 +152,20 @@ class _LayerChecker:
         self.watched = {value: f"{name}/{suffix}" for name, rec in self.records.items()
                         for suffix, value in rec.get("values", {}).items()}
         self.extra_outputs = list(self.watched)
+        self._check_weights(model, torch_model, make_session)
+
+    def _check_weights(self, model, torch_model, make_session) -> None:
+        """Decode each weight alone in ONNX and compare with PyTorch's quantized weight."""
+        layers = dict(quantized_layers(torch_model))
+        for name, rec in self.records.items():
+            if not rec.get("weight_nodes") or name not in layers:
+                continue
+            decoded = make_session(quantizer_submodel(model, rec["weight_nodes"])).run({})[0]
+            with torch.no_grad():
+                layer = layers[name]
+                want = layer.weight_quant(layer.weight).numpy()
+            self.reports[name].weight_mismatches = (
+                _count_differences(decoded, want) if decoded.shape == want.shape else want.size)
 
     def teacher_forced(self, captured: dict[str, torch.Tensor]) -> None:
         for name, sess in self.sessions.items():
@@ -153,11 +174,11 @@ class _LayerChecker:
                 feeds[sess.input_names[1]] = captured[f"{name}/beta"].numpy()
             got = sess.run(feeds)[0]
             want = captured[f"{name}/{ACT_SUFFIX}"].numpy()
-            differs = ~((got == want) | (np.isnan(got) & np.isnan(want)))
             report = self.reports[name]
-            report.op_mismatches += int(differs.sum())
+            mismatches = _count_differences(got, want)
+            report.op_mismatches += mismatches
             report.op_elements += want.size
-            if differs.any():
+            if mismatches:
                 report.op_max_abs_diff = max(report.op_max_abs_diff,
                                              float(np.nanmax(np.abs(got - want))))
 
@@ -192,7 +213,7 @@ def validate(
     progress: ProgressFn | None = None,
 ) -> Report:
     """Run both models over ``data``; ``make_session`` builds a session on the chosen runtime."""
-    checker = _LayerChecker(model, make_session) if per_layer else None
+    checker = _LayerChecker(model, ckpt.model, make_session) if per_layer else None
     session = make_session(with_extra_outputs(model, checker.extra_outputs) if checker else model)
     input_name, output_name = session.input_names[0], session.output_names[0]
     captures = _Captures(ckpt.model) if checker else None

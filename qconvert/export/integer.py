@@ -480,9 +480,13 @@ def to_integer(model: onnx.ModelProto, outer_bits: int, *,
 def _update_metadata(model: onnx.ModelProto, outer: int, layers: dict[str, LayerInfo]) -> None:
     meta = _metadata(model)
     records = json.loads(meta.get("qconvert_layers", "{}"))
+    present = {o for n in model.graph.node for o in n.output}
     for record in records.values():
         # The exact-mode act nodes are gone or changed: no teacher-forced op check applies.
         record["act_nodes"] = []
+        # Values still in the graph keep their per-layer SQNR (LSQ / ASQ act_q are gone).
+        if "values" in record:
+            record["values"] = {k: v for k, v in record["values"].items() if v in present}
     meta["qconvert_layers"] = json.dumps(records, separators=(",", ":"))
     meta[MODE_KEY] = "integer"
     meta[OUTER_BITS_KEY] = str(outer)

@@ -94,8 +94,8 @@ def _name_layer_outputs(model: onnx.ModelProto,
 def _layer_records(model: onnx.ModelProto, layers: list[DeployedLayer],
                    values: dict[str, dict[str, str]]) -> dict[str, dict]:
     """Per layer: quantizer kinds and bits, the names of its quantized-input and output
-    values, and the nodes of its activation quantizer (without the ASQ adapter), which
-    validation runs alone for its op-level check."""
+    values, and the nodes of its activation quantizer (without the ASQ adapter) and of
+    its weight decode, which validation runs alone for its op-level check."""
     return {
         layer.name: {
             "weight": [layer.weight_kind, layer.weight_bits],
@@ -103,6 +103,7 @@ def _layer_records(model: onnx.ModelProto, layers: list[DeployedLayer],
             "values": values[layer.name],
             "act_nodes": [n.name for n in scope_nodes(model.graph, f"{layer.name}.act",
                                                       exclude=(f"{layer.name}.act.adapter",))],
+            "weight_nodes": [n.name for n in scope_nodes(model.graph, f"{layer.name}.weight")],
         }
         for layer in layers
     }
@@ -173,12 +174,18 @@ def build_onnx(ckpt: Checkpoint, opset: int = 20, with_functions: bool = True,
     return model, layers
 
 
-def write_atomically(model: onnx.ModelProto, out: Path, force: bool) -> int:
-    """Write next to ``out`` and rename on success: never a half-written or clobbered file."""
+def check_output_path(out: Path, force: bool) -> None:
+    if out.is_dir():
+        raise QConvertError(f"{out} is a directory; give a file path for the model")
     if out.exists() and not force:
         raise QConvertError(f"{out} exists; pass --force to overwrite it")
     if not out.parent.is_dir():
         raise QConvertError(f"{out.parent}: no such directory for the output model")
+
+
+def write_atomically(model: onnx.ModelProto, out: Path, force: bool) -> int:
+    """Write next to ``out`` and rename on success: never a half-written or clobbered file."""
+    check_output_path(out, force)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -194,8 +201,7 @@ def export_checkpoint(ckpt: Checkpoint, out: str | Path, opset: int = 20,
                       with_functions: bool = True, force: bool = False,
                       progress=None) -> ExportResult:
     out = Path(out)
-    if out.exists() and not force:  # fail before the slow part
-        raise QConvertError(f"{out} exists; pass --force to overwrite it")
+    check_output_path(out, force)  # fail before the slow part
     model, layers = build_onnx(ckpt, opset, with_functions, progress)
     size = write_atomically(model, out, force)
     return ExportResult(out, model, layers, size)
