@@ -4,10 +4,12 @@
 
 Activation ops (CompandQuant, AdaptiveStep) run on one float32 tensor of
 ``--elements`` values next to ORT's Relu on the same tensor, at 1 and 2
-intra-op threads. Runs are interleaved (Relu, op, op, Relu, ...) so that all
-three see the same machine state; the printed ratio is median(op) /
-median(Relu). Inputs and outputs are bound once (IOBinding), so the timings
-hold the kernels and ORT's dispatch, not Python copies.
+intra-op threads, then on model-sized tensors (a ResNet-20 activation,
+16x16x16, at batch 1 and 32) at 1 thread, where the per-call cost shows.
+Runs are interleaved (Relu, op, op, Relu, ...) so that all three see the
+same machine state; the printed ratio is median(op) / median(Relu). Inputs
+and outputs are bound once (IOBinding), so the timings hold the kernels and
+ORT's dispatch, not Python copies.
 
 Weight decode ops (LutGather, Pow2Shift) are timed with their inputs as
 constant initializers (decoded once when the session is built, each run copies
@@ -110,11 +112,9 @@ def time_side_by_side(runners: dict[str, Bound], reps: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_activations(n: int, reps: int, bits: int, signed: int, intervals: int) -> None:
-    shape = (8, n // 8)
-    x = np.random.default_rng(1).normal(0, 1.5, size=shape).astype(np.float32)
+def activation_models(shape, bits: int, signed: int, intervals: int) -> dict[str, bytes]:
     alpha, slopes, offsets, levels = lcq_params(bits, bool(signed), intervals)
-    models = {
+    return {
         "Relu": one_node_model("Relu", "", [("X", F32)], {}),
         "CompandQuant": one_node_model(
             "CompandQuant",
@@ -134,6 +134,12 @@ def bench_activations(n: int, reps: int, bits: int, signed: int, intervals: int)
             {"bits": bits, "signed": signed},
         ),
     }
+
+
+def bench_activations(n: int, reps: int, bits: int, signed: int, intervals: int) -> None:
+    shape = (8, n // 8)
+    x = np.random.default_rng(1).normal(0, 1.5, size=shape).astype(np.float32)
+    models = activation_models(shape, bits, signed, intervals)
     print(
         f"activation ops on {n} float32 elements, bits={bits} signed={signed} K={intervals}, "
         f"median of {reps} interleaved runs"
@@ -144,6 +150,20 @@ def bench_activations(n: int, reps: int, bits: int, signed: int, intervals: int)
         med = time_side_by_side(runners, reps)
         for name, t in med.items():
             print(f"{threads:>7} {name:>13} {t * 1e3:8.2f} {t / med['Relu']:7.2f}")
+
+
+def bench_small_activations(shapes, reps: int, bits: int, signed: int, intervals: int) -> None:
+    """Model-sized tensors (a ResNet-20 activation at batch 1 and 32), 1 thread:
+    here the per-call cost (input checks, allocation, dispatch) shows."""
+    print(f"\nactivation ops on model-sized tensors, 1 thread, median of {reps} interleaved runs")
+    print(f"{'shape':>18} {'op':>13} {'us':>9} {'x Relu':>7}")
+    for shape in shapes:
+        x = np.random.default_rng(1).normal(0, 1.5, size=shape).astype(np.float32)
+        models = activation_models(shape, bits, signed, intervals)
+        runners = {k: Bound(session(m, 1), {"X": x}, shape) for k, m in models.items()}
+        med = time_side_by_side(runners, reps)
+        for name, t in med.items():
+            print(f"{str(shape):>18} {name:>13} {t * 1e6:9.1f} {t / med['Relu']:7.2f}")
 
 
 def bench_decode(reps: int) -> None:
@@ -190,6 +210,8 @@ def main() -> None:
         f"onnxruntime {ort.__version__}, onnx {onnx.__version__}, library {native.library_path()}"
     )
     bench_activations(args.elements, args.reps, args.bits, args.signed, args.intervals)
+    small = [(1, 16, 16, 16), (32, 16, 16, 16)]
+    bench_small_activations(small, args.reps * 40, args.bits, args.signed, args.intervals)
     bench_decode(args.reps)
 
 

@@ -118,6 +118,27 @@ std::string ShapeString(const std::vector<int64_t>& shape);
 
 float* AllocateOutput(const Ort::KernelContext& ctx, const std::vector<int64_t>& shape);
 
+// The float32 input X of an activation op, read with the fewest runtime calls
+// (one shape query, no heap allocation up to rank kInlineRank): the per-run
+// path when every other input was a constant checked at kernel creation.
+struct ActivationInput {
+  static constexpr size_t kInlineRank = 8;
+  const float* data = nullptr;
+  size_t count = 0;
+  size_t rank = 0;
+  int64_t inline_dims[kInlineRank] = {};
+  std::vector<int64_t> heap_dims;  // only for rank > kInlineRank
+
+  const int64_t* dims() const { return rank <= kInlineRank ? inline_dims : heap_dims.data(); }
+};
+
+// Input `index` as ActivationInput: must be present, a tensor, float32.
+void ReadActivationInput(const Ort::KernelContext& ctx, const NodeRef& ref, size_t index,
+                         const char* name, ActivationInput& out);
+
+// Output 0 with X's shape.
+float* AllocateOutputLike(const Ort::KernelContext& ctx, const ActivationInput& x);
+
 // ------------------------------------------------------------- packed codes
 
 inline uint64_t RequiredBytes(uint64_t n, int bits) { return (n * uint64_t(bits) + 7) / 8; }
@@ -152,11 +173,12 @@ void DecodeAll(const Ort::KernelContext* ctx, const NodeRef& ref, const uint8_t*
 // thread-pool dispatch.
 constexpr size_t kChunk = size_t{1} << 15;
 
-// Calls fn(begin, end) over [0, n) in chunks of kChunk, on ORT's intra-op
-// thread pool when there is more than one chunk. fn must not throw.
+// Calls fn(begin, end) over [0, n) in chunks of `chunk` elements (a multiple
+// of 8 for packed streams), on ORT's intra-op thread pool when there is more
+// than one chunk, else inline with no pool dispatch at all. fn must not throw.
 template <class Fn>
-void ForChunks(const Ort::KernelContext* ctx, size_t n, Fn&& fn) {
-  const size_t chunks = (n + kChunk - 1) / kChunk;
+void ForChunks(const Ort::KernelContext* ctx, size_t n, Fn&& fn, size_t chunk = kChunk) {
+  const size_t chunks = (n + chunk - 1) / chunk;
   if (ctx == nullptr || chunks <= 1) {
     if (n > 0) fn(size_t{0}, n);
     return;
@@ -164,11 +186,12 @@ void ForChunks(const Ort::KernelContext* ctx, size_t n, Fn&& fn) {
   struct Job {
     Fn* fn;
     size_t n;
-  } job{&fn, n};
-  auto run = [](void* user, size_t chunk) {
+    size_t chunk;
+  } job{&fn, n, chunk};
+  auto run = [](void* user, size_t c) {
     auto* j = static_cast<Job*>(user);
-    const size_t begin = chunk * kChunk;
-    const size_t end = begin + kChunk < j->n ? begin + kChunk : j->n;
+    const size_t begin = c * j->chunk;
+    const size_t end = begin + j->chunk < j->n ? begin + j->chunk : j->n;
     (*j->fn)(begin, end);
   };
   ctx->ParallelFor(run, chunks, 0, &job);

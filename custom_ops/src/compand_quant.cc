@@ -88,7 +88,51 @@ struct CompandSteps {
   float t[kMaxSteps] = {};           // ascending
   float levels[kMaxSteps + 1] = {};  // levels[J(0) + i] for i = 0..count
   float zero_value = 0.0f;           // levels[J(0)] * sign(+-0), i.e. * 0
+
+  // The same thresholds laid out for a branch-free binary search (see
+  // CompandSearchAvx2), filled by BuildSearch. With T_1..T_15 = t padded by
+  // NaN (never <= m, like thresholds above +Inf) and L_0..L_15 = levels:
+  //   depth 4 (count <= 15): top = T8, mid = {T4, T12}, third = {T2, T6,
+  //     T10, T14} twice (in-lane), fourth = {T1, T3, ..., T15},
+  //     even/odd = {L0, L2, ..., L14} / {L1, L3, ..., L15};
+  //   depth 3 (count <= 7): top = T4, mid = {T2, T6}, third = {T1, T3, T5,
+  //     T7} twice, even/odd = {L0, L2, L4, L6} / {L1, L3, L5, L7} twice.
+  int depth = 4;
+  float top = 0.0f, mid_lo = 0.0f, mid_hi = 0.0f;
+  float third[8] = {}, fourth[8] = {}, even[8] = {}, odd[8] = {};
 };
+
+void BuildSearch(CompandSteps& st) {
+  float T[16], L[16];
+  for (int i = 1; i < 16; ++i) {
+    T[i] = i <= st.count ? st.t[i - 1] : std::numeric_limits<float>::quiet_NaN();
+  }
+  T[0] = T[1];  // never read
+  for (int i = 0; i < 16; ++i) L[i] = st.levels[i <= st.count ? i : st.count];  // pad: never read
+  if (st.count <= 7) {
+    st.depth = 3;
+    st.top = T[4];
+    st.mid_lo = T[2];
+    st.mid_hi = T[6];
+    for (int i = 0; i < 8; ++i) {
+      st.third[i] = T[2 * (i & 3) + 1];
+      st.even[i] = L[2 * (i & 3)];
+      st.odd[i] = L[2 * (i & 3) + 1];
+      st.fourth[i] = 0.0f;
+    }
+  } else {
+    st.depth = 4;
+    st.top = T[8];
+    st.mid_lo = T[4];
+    st.mid_hi = T[12];
+    for (int i = 0; i < 8; ++i) {
+      st.third[i] = T[4 * (i & 3) + 2];
+      st.fourth[i] = T[2 * i + 1];
+      st.even[i] = L[2 * i];
+      st.odd[i] = L[2 * i + 1];
+    }
+  }
+}
 
 inline float FromBits(uint32_t u) {
   float f;
@@ -141,6 +185,7 @@ std::optional<CompandSteps> FindSteps(const CompandParams& p, size_t K) {
   }
   for (int32_t j = j0; j <= j_top; ++j) steps.levels[j - j0] = p.levels[j];
   steps.zero_value = p.levels[j0] * 0.0f;
+  BuildSearch(steps);
   return steps;
 }
 
@@ -222,48 +267,105 @@ QC_TARGET_AVX2 void CompandAvx2(const CompandParams& p, const float* x, float* y
   CompandPortable<kSigned>(p, x + i, y + i, n - i);
 }
 
-// J(m) = J(0) + #{t <= m} with kSteps compares; unused thresholds are NaN,
-// which compares false. Same results as CompandPortable (see FindSteps).
-template <bool kSigned, int kSteps>
-QC_TARGET_AVX2 void CompandStepsAvx2(const CompandSteps& st, const CompandParams& p,
-                                     const float* x, float* y, size_t n) {
-  __m256 t[kSteps];
-  for (int s = 0; s < kSteps; ++s) {
-    t[s] = _mm256_set1_ps(s < st.count ? st.t[s] : std::numeric_limits<float>::quiet_NaN());
-  }
-  const VecTable levels = MakeVecTable(st.levels, size_t(st.count) + 1);
-  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
-  const __m256 zero = _mm256_setzero_ps();
-  const __m256 zero_value = _mm256_set1_ps(st.zero_value);
-  size_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 xv = _mm256_loadu_ps(x + i);
+// J(m) = J(0) + #{t <= m} by a branch-free binary search over the
+// thresholds: one compare per level (3 or 4 instead of up to 15), each
+// level's threshold picked from registers by a blend or a permute indexed by
+// the compares so far, and the level read the same way (no gather). A true
+// compare is an all-ones lane (-1 as int32), so the index after levels
+// c_3..c_1 is i = 2 * i_prev - c. Same results as CompandPortable (see
+// FindSteps): every lane compares m against exactly the thresholds a
+// sequential search would, and NaN padding compares false like +Inf.
+template <bool kSigned, int kDepth>
+struct SearchBlock {
+  __m256 top, mid_lo, mid_hi, third, fourth, even, odd, zero_value;
+
+  QC_TARGET_AVX2 explicit SearchBlock(const CompandSteps& st)
+      : top(_mm256_set1_ps(st.top)),
+        mid_lo(_mm256_set1_ps(st.mid_lo)),
+        mid_hi(_mm256_set1_ps(st.mid_hi)),
+        third(_mm256_loadu_ps(st.third)),
+        fourth(_mm256_loadu_ps(st.fourth)),
+        even(_mm256_loadu_ps(st.even)),
+        odd(_mm256_loadu_ps(st.odd)),
+        zero_value(_mm256_set1_ps(st.zero_value)) {}
+
+  QC_TARGET_AVX2 __attribute__((always_inline)) __m256 operator()(__m256 xv) const {
+    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
     const __m256 m = kSigned ? _mm256_andnot_ps(sign_bit, xv) : xv;
-    __m256i j = _mm256_setzero_si256();
-    for (int s = 0; s < kSteps; ++s) {  // a true compare is -1: subtract it
-      j = _mm256_sub_epi32(j, _mm256_castps_si256(_mm256_cmp_ps(m, t[s], _CMP_GE_OQ)));
+    const __m256 c_top = _mm256_cmp_ps(m, top, _CMP_GE_OQ);
+    const __m256 c_mid = _mm256_cmp_ps(m, _mm256_blendv_ps(mid_lo, mid_hi, c_top), _CMP_GE_OQ);
+    const __m256i i2 =
+        _mm256_sub_epi32(_mm256_and_si256(_mm256_castps_si256(c_top), _mm256_set1_epi32(2)),
+                         _mm256_castps_si256(c_mid));  // 0..3
+    const __m256 c3 = _mm256_cmp_ps(m, _mm256_permutevar_ps(third, i2), _CMP_GE_OQ);
+    __m256 yv;
+    if constexpr (kDepth == 3) {
+      // J = 2 * i2 + c3
+      yv = _mm256_blendv_ps(_mm256_permutevar_ps(even, i2), _mm256_permutevar_ps(odd, i2), c3);
+    } else {
+      const __m256i i3 = _mm256_sub_epi32(_mm256_add_epi32(i2, i2), _mm256_castps_si256(c3));
+      const __m256 c4 = _mm256_cmp_ps(m, _mm256_permutevar8x32_ps(fourth, i3), _CMP_GE_OQ);
+      // J = 2 * i3 + c4
+      yv = _mm256_blendv_ps(_mm256_permutevar8x32_ps(even, i3),
+                            _mm256_permutevar8x32_ps(odd, i3), c4);
     }
-    __m256 yv = Lookup(levels, j);
     if (kSigned) {
       // levels[j] * sign(x): an exact negation for x < 0; x = +-0 has j = J(0).
+      const __m256 zero = _mm256_setzero_ps();
       yv = _mm256_xor_ps(yv, _mm256_and_ps(xv, sign_bit));
       yv = _mm256_blendv_ps(yv, zero_value, _mm256_cmp_ps(xv, zero, _CMP_EQ_OQ));
     }
-    yv = _mm256_blendv_ps(yv, xv, _mm256_cmp_ps(xv, xv, _CMP_UNORD_Q));
-    _mm256_storeu_ps(y + i, yv);
+    return yv;  // NaN lanes are the caller's (Nan below)
   }
-  CompandPortable<kSigned>(p, x + i, y + i, n - i);
+
+  // NaN in, NaN out.
+  static QC_TARGET_AVX2 __attribute__((always_inline)) __m256 Nan(__m256 yv, __m256 xv) {
+    return _mm256_blendv_ps(yv, xv, _mm256_cmp_ps(xv, xv, _CMP_UNORD_Q));
+  }
+};
+
+template <bool kSigned, int kDepth>
+QC_TARGET_AVX2 void CompandSearchAvx2(const CompandSteps& st, const float* x, float* y,
+                                      size_t n) {
+  const SearchBlock<kSigned, kDepth> block(st);
+  size_t i = 0;
+  using Block = SearchBlock<kSigned, kDepth>;
+  // Two blocks at a time (more would spill registers, which costs far more
+  // than it gains on Zen 1); one unordered compare checks both for NaN and
+  // the blend that passes NaN through runs only when there is one.
+  for (; i + 16 <= n; i += 16) {
+    const __m256 xa = _mm256_loadu_ps(x + i);
+    const __m256 xb = _mm256_loadu_ps(x + i + 8);
+    __m256 a = block(xa);
+    __m256 b = block(xb);
+    if (__builtin_expect(_mm256_movemask_ps(_mm256_cmp_ps(xa, xb, _CMP_UNORD_Q)) != 0, 0)) {
+      a = Block::Nan(a, xa);
+      b = Block::Nan(b, xb);
+    }
+    _mm256_storeu_ps(y + i, a);
+    _mm256_storeu_ps(y + i + 8, b);
+  }
+  for (; i + 8 <= n; i += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    _mm256_storeu_ps(y + i, Block::Nan(block(xv), xv));
+  }
+  if (i < n) {  // the last 1..7 elements through a padded block: no scalar path
+    alignas(32) float in[8] = {}, out[8];
+    std::memcpy(in, x + i, (n - i) * sizeof(float));
+    const __m256 xv = _mm256_load_ps(in);
+    _mm256_store_ps(out, Block::Nan(block(xv), xv));
+    std::memcpy(y + i, out, (n - i) * sizeof(float));
+  }
 }
 
 template <bool kSigned>
 void CompandStepsDispatch(const CompandSteps& st, const CompandParams& p, const float* x,
                           float* y, size_t n) {
-  if (st.count <= 3) {
-    CompandStepsAvx2<kSigned, 3>(st, p, x, y, n);
-  } else if (st.count <= 7) {
-    CompandStepsAvx2<kSigned, 7>(st, p, x, y, n);
+  (void)p;
+  if (st.depth == 3) {
+    CompandSearchAvx2<kSigned, 3>(st, x, y, n);
   } else {
-    CompandStepsAvx2<kSigned, kMaxSteps>(st, p, x, y, n);
+    CompandSearchAvx2<kSigned, 4>(st, x, y, n);
   }
 }
 
@@ -286,8 +388,16 @@ void CompandChunk(bool is_signed, const CompandSteps* steps, const CompandParams
   is_signed ? CompandPortable<true>(p, x, y, n) : CompandPortable<false>(p, x, y, n);
 }
 
-// Below this many elements the threshold search costs more than it saves.
-constexpr size_t kStepsMinElements = size_t{1} << 16;
+// Below this many elements the threshold search (about a thousand scalar
+// evaluations) costs more than it saves over the direct loop.
+constexpr size_t kStepsMinElements = size_t{1} << 14;
+
+// Tables of up to this many intervals live on the stack: no heap per run.
+constexpr size_t kStackIntervals = 64;
+
+// Element-wise work per thread-pool task: at well under 1 ns per element a
+// smaller task would not repay the dispatch.
+constexpr size_t kCompandChunk = size_t{1} << 16;
 
 class CompandQuantKernel : public KernelBase {
  public:
@@ -307,7 +417,20 @@ class CompandQuantKernel : public KernelBase {
     PrepareConstantParams(info);
   }
 
+  // The kernel holds pointers into its own tables: never copied or moved.
+  CompandQuantKernel(const CompandQuantKernel&) = delete;
+  CompandQuantKernel& operator=(const CompandQuantKernel&) = delete;
+
   void Compute(const Ort::KernelContext& ctx) const {
+    if (constant_) {
+      // Parameters checked (and thresholds found) at kernel creation: only X
+      // is read, and nothing is allocated but the output.
+      ActivationInput x;
+      ReadActivationInput(ctx, ref(), 0, "X", x);
+      float* y = AllocateOutputLike(ctx, x);
+      Run(ctx, steps_ ? &*steps_ : nullptr, const_params_, x.data, y, x.count);
+      return;
+    }
     constexpr auto kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
     const TensorView x = KernelInput(ctx, ref(), 0, "X", kF32);
     const TensorView alpha = KernelInput(ctx, ref(), 1, "alpha", kF32);
@@ -315,27 +438,37 @@ class CompandQuantKernel : public KernelBase {
     const TensorView offsets = KernelInput(ctx, ref(), 3, "offsets", kF32);
     const TensorView levels = KernelInput(ctx, ref(), 4, "levels", kF32);
     CheckParams(alpha.count, slopes.count, offsets.count, levels.count);
-    std::vector<float> interval_start;
-    const CompandParams p = MakeParams(alpha, slopes, offsets, levels, interval_start);
-
-    // Thresholds: found once for constant parameters, else per run when the
-    // tensor is large enough to repay the search.
-    std::optional<CompandSteps> fresh;
-    const CompandSteps* steps = steps_ ? &*steps_ : nullptr;
-    if (steps == nullptr && UseAvx2() && x.count >= kStepsMinElements) {
-      fresh = FindSteps(p, slopes.count);
-      if (fresh) steps = &*fresh;
+    const size_t K = slopes.count;
+    float stack_starts[kStackIntervals];
+    std::vector<float> heap_starts;
+    float* starts = stack_starts;
+    if (K > kStackIntervals) {
+      heap_starts.resize(K);
+      starts = heap_starts.data();
     }
+    const CompandParams p = MakeParams(alpha.f32()[0], slopes.f32(), offsets.f32(),
+                                       levels.f32(), K, starts);
+
+    // Thresholds per run when the tensor is large enough to repay the search.
+    std::optional<CompandSteps> fresh;
+    if (UseAvx2() && x.count >= kStepsMinElements) fresh = FindSteps(p, K);
 
     float* y = AllocateOutput(ctx, x.shape);
-    const float* xs = x.f32();
-    const bool is_signed = signed_;
-    ForChunks(&ctx, x.count, [&](size_t begin, size_t end) {
-      CompandChunk(is_signed, steps, p, xs + begin, y + begin, end - begin);
-    });
+    Run(ctx, fresh ? &*fresh : nullptr, p, x.f32(), y, x.count);
   }
 
  private:
+  void Run(const Ort::KernelContext& ctx, const CompandSteps* steps, const CompandParams& p,
+           const float* xs, float* y, size_t n) const {
+    const bool is_signed = signed_;
+    ForChunks(
+        &ctx, n,
+        [&](size_t begin, size_t end) {
+          CompandChunk(is_signed, steps, p, xs + begin, y + begin, end - begin);
+        },
+        kCompandChunk);
+  }
+
   void CheckParams(size_t alpha, size_t slopes, size_t offsets, size_t levels) const {
     if (alpha != 1) ref().Fail("alpha has " + std::to_string(alpha) + " elements, expected 1");
     if (slopes == 0) ref().Fail("slopes is empty; K must be >= 1");
@@ -352,19 +485,17 @@ class CompandQuantKernel : public KernelBase {
     }
   }
 
-  CompandParams MakeParams(const TensorView& alpha, const TensorView& slopes,
-                           const TensorView& offsets, const TensorView& levels,
-                           std::vector<float>& interval_start) const {
-    const size_t K = slopes.count;
-    interval_start.resize(K);
-    for (size_t k = 0; k < K; ++k) interval_start[k] = float(k) / float(K);  // d of the spec
-    return CompandParams{alpha.f32()[0], float(K),      float(K - 1), int32_t(K - 1),
-                         float(S_),      slopes.f32(),  offsets.f32(), interval_start.data(),
-                         levels.f32()};
+  // `starts` receives d = float32(k) / float32(K) for k = 0..K-1.
+  CompandParams MakeParams(float alpha, const float* slopes, const float* offsets,
+                           const float* levels, size_t K, float* starts) const {
+    for (size_t k = 0; k < K; ++k) starts[k] = float(k) / float(K);
+    return CompandParams{alpha, float(K),      float(K - 1), int32_t(K - 1), float(S_),
+                         slopes, offsets, starts,       levels};
   }
 
   // Parameters stored as initializers are checked when the session is built,
-  // and their step thresholds found once.
+  // copied into the kernel, and their step thresholds found once; a run then
+  // reads X only.
   void PrepareConstantParams(const OrtKernelInfo* info) {
     constexpr auto kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
     auto alpha = ConstantInput(info, ref(), 1, "alpha", kF32);
@@ -373,15 +504,23 @@ class CompandQuantKernel : public KernelBase {
     auto levels = ConstantInput(info, ref(), 4, "levels", kF32);
     if (!(alpha && slopes && offsets && levels)) return;
     CheckParams(alpha->count, slopes->count, offsets->count, levels->count);
-    if (!UseAvx2()) return;
-    std::vector<float> interval_start;
-    steps_ = FindSteps(MakeParams(*alpha, *slopes, *offsets, *levels, interval_start),
-                       slopes->count);
+    const size_t K = slopes->count;
+    slopes_.assign(slopes->f32(), slopes->f32() + K);
+    offsets_.assign(offsets->f32(), offsets->f32() + K);
+    levels_.assign(levels->f32(), levels->f32() + levels->count);
+    starts_.resize(K);
+    const_params_ = MakeParams(alpha->f32()[0], slopes_.data(), offsets_.data(), levels_.data(),
+                               K, starts_.data());
+    if (UseAvx2()) steps_ = FindSteps(const_params_, K);
+    constant_ = true;
   }
 
   int bits_ = 0;
   bool signed_ = false;
   int S_ = 0;
+  bool constant_ = false;  // alpha, slopes, offsets, levels are initializers
+  std::vector<float> slopes_, offsets_, levels_, starts_;
+  CompandParams const_params_{};
   std::optional<CompandSteps> steps_;
 };
 

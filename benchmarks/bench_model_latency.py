@@ -1,0 +1,178 @@
+"""Model-level latency of an exported quantized model against its FP32 twin.
+
+    .venv/bin/python benchmarks/bench_model_latency.py CHECKPOINT.pt EXPORTED.onnx \\
+        [--batches 1 32] [--reps 40 15] [--threads 1] [--profile]
+
+The FP32 model is rebuilt from the checkpoint and exported to a temporary file;
+the quantized model runs with the native qconvert library and its constant
+weight decodes folded (as ``qconvert bench`` does). Four sessions run
+interleaved, so all see the same machine state: fp32 and q (the rows that
+count) with ORT's default optimizations, and both again with the NCHWc layout
+transformer disabled. Printed: median latency and the ratio to fp32.
+
+``--lib OTHER.so`` (repeatable) adds a q session using another build of the
+library, interleaved with the rest: the way to compare two builds on a busy
+machine. ``--profile`` adds, per batch size, ORT's per-node kernel times for the q
+session: per op type, the sum over nodes of each node's median time (medians,
+not means: the machine may be shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from qconvert import native  # noqa: E402
+from qconvert.bench import export_float, float_model  # noqa: E402
+from qconvert.checkpoint import load_checkpoint  # noqa: E402
+from qconvert.runtime import fold_weight_decodes  # noqa: E402
+
+
+def make_session(
+    model: bytes,
+    native_ops: bool,
+    nchwc: bool,
+    threads: int,
+    profile_prefix: str | None = None,
+    library: Path | None = None,
+) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    if not nchwc:
+        so.add_session_config_entry("optimization.disable_specified_optimizers", "NchwcTransformer")
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    if library is not None:
+        so.register_custom_ops_library(str(library))
+    elif native_ops:
+        native.register(so)
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+def input_for(sess: ort.InferenceSession, batch: int) -> dict[str, np.ndarray]:
+    inp = sess.get_inputs()[0]
+    shape = [d if isinstance(d, int) else batch for d in inp.shape]
+    shape[0] = batch
+    return {inp.name: np.random.default_rng(0).random(shape, dtype=np.float32)}
+
+
+def latency_table(sessions: dict[str, ort.InferenceSession], batch: int, reps: int) -> None:
+    feeds = {k: input_for(s, batch) for k, s in sessions.items()}
+    for k, s in sessions.items():  # warm-up: arena growth, pre-packing
+        s.run(None, feeds[k])
+        s.run(None, feeds[k])
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    order = list(sessions)
+    for rep in range(reps):
+        for k in order if rep % 2 == 0 else reversed(order):
+            start = time.perf_counter()
+            sessions[k].run(None, feeds[k])
+            times[k].append(time.perf_counter() - start)
+    base = statistics.median(times["fp32"])
+    print(f"batch {batch}, median of {reps} interleaved runs")
+    for k, v in times.items():
+        med = statistics.median(v)
+        print(f"  {k:>16} {med * 1e3:9.3f} ms  {med / base:5.2f}x")
+
+
+def profile_table(model: bytes, batch: int, reps: int, threads: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        sess = make_session(model, True, True, threads, os.path.join(tmp, "prof"))
+        feeds = input_for(sess, batch)
+        warm = 3
+        for _ in range(warm + reps):
+            sess.run(None, feeds)
+        with open(sess.end_profiling()) as f:
+            events = json.load(f)
+    per_node: dict[str, list[float]] = collections.defaultdict(list)
+    op_of: dict[str, str] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            per_node[e["name"]].append(e["dur"])
+            op_of[e["name"]] = e["args"]["op_name"]
+    sums: dict[str, float] = collections.defaultdict(float)
+    counts: dict[str, int] = collections.Counter()
+    for node, durs in per_node.items():
+        sums[op_of[node]] += statistics.median(durs[warm:] or durs)
+        counts[op_of[node]] += 1
+    print(f"batch {batch}, q session kernel times (sum of per-node medians of {reps} runs)")
+    for op, us in sorted(sums.items(), key=lambda kv: -kv[1]):
+        print(f"  {op:>14} {us / 1e3:8.3f} ms  ({counts[op]} nodes)")
+    print(f"  {'total':>14} {sum(sums.values()) / 1e3:8.3f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("onnx_model", type=Path)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument(
+        "--reps",
+        type=int,
+        nargs="+",
+        default=[40, 15],
+        help="runs per batch size (one value, or one per batch size)",
+    )
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--lib",
+        type=Path,
+        action="append",
+        default=[],
+        help="another build of libqconvert_ops.so: adds a q session with it, "
+        "interleaved with the others (repeatable)",
+    )
+    parser.add_argument(
+        "--skip-nonchwc",
+        action="store_true",
+        help="leave out the two sessions without the NCHWc transformer",
+    )
+    args = parser.parse_args()
+    reps = args.reps * len(args.batches) if len(args.reps) == 1 else args.reps
+    if len(reps) != len(args.batches):
+        parser.error("--reps needs one value or one per --batches value")
+    if native.library_path() is None:
+        sys.exit("libqconvert_ops.so not built: run `make ops`")
+
+    ckpt = load_checkpoint(args.checkpoint)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32_path = Path(tmp) / "fp32.onnx"
+        export_float(float_model(ckpt), ckpt.input.shape, fp32_path)
+        fp32 = fp32_path.read_bytes()
+    q = fold_weight_decodes(onnx.load(str(args.onnx_model))).SerializeToString()
+    print(
+        f"onnxruntime {ort.__version__}, {args.threads} intra-op thread(s), "
+        f"library {native.library_path()}"
+    )
+    sessions = {
+        "fp32": make_session(fp32, False, True, args.threads),
+        "q": make_session(q, True, True, args.threads),
+    }
+    for lib in args.lib:
+        sessions[f"q[{lib.name}]"] = make_session(q, True, True, args.threads, library=lib)
+    if not args.skip_nonchwc:
+        sessions["fp32-nonchwc"] = make_session(fp32, False, False, args.threads)
+        sessions["q-nonchwc"] = make_session(q, True, False, args.threads)
+    for batch, n in zip(args.batches, reps, strict=True):
+        latency_table(sessions, batch, n)
+    if args.profile:
+        for batch, n in zip(args.batches, reps, strict=True):
+            profile_table(q, batch, n, args.threads)
+
+
+if __name__ == "__main__":
+    main()
