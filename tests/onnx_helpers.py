@@ -27,6 +27,7 @@ def one_node_model(
     return helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("qconvert", 1)],
         functions=functions(opset) if with_functions else [],
+        ir_version=10,  # what exported models carry; onnxruntime 1.21 reads up to IR 10
     )
 
 
