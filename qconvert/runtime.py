@@ -18,7 +18,7 @@ from onnx.reference import ReferenceEvaluator
 
 from . import native
 from .errors import QConvertError
-from .ops import DOMAIN, REFERENCE_OPS
+from .ops import DOMAIN, DOMAIN_VERSION, REFERENCE_OPS
 
 RUNTIMES = ("native", "function", "reference")
 DECODE_OPS = ("LutGather", "Pow2Shift")
@@ -40,7 +40,12 @@ class Session:
         self._impl = _ort_session(model, runtime, threads)
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list:
-        return self._impl.run(outputs, feeds)
+        try:
+            return self._impl.run(outputs, feeds)
+        except Exception as exc:  # ORT / onnx.reference raise many types; keep the node name
+            detail = " ".join(str(exc).split())[:400]
+            raise QConvertError(f"the {self.runtime} runtime failed to run the model: {detail}; "
+                                "re-export it with qconvert export") from exc
 
 
 def _ort_session(model: onnx.ModelProto, runtime: str, threads: int) -> ort.InferenceSession:
@@ -102,6 +107,16 @@ def _missing_functions(model: onnx.ModelProto) -> list[str]:
     return sorted(used - {f.name for f in model.functions if f.domain == DOMAIN})
 
 
+def _check_domain_version(model: onnx.ModelProto) -> None:
+    """Kernels and function bodies implement version 1 of the op set; a model that asks for
+    another version would run with semantics it did not ask for."""
+    for opset in model.opset_import:
+        if opset.domain == DOMAIN and opset.version != DOMAIN_VERSION:
+            raise QConvertError(
+                f"the model uses op set {DOMAIN} version {opset.version}; this qconvert "
+                f"implements version {DOMAIN_VERSION}: re-export it, or upgrade qconvert")
+
+
 def default_runtime() -> str:
     return "native" if native.library_path() is not None else "function"
 
@@ -129,6 +144,7 @@ def session(path_or_model: str | Path | onnx.ModelProto, runtime: str | None = N
                      " (native library not built: run `make ops`)"))
     if runtime not in RUNTIMES:
         raise QConvertError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+    _check_domain_version(model)
     if runtime == "native" and native.library_path() is None:
         raise QConvertError("the native library is not built; run `make ops` or pick "
                             "--runtime function")

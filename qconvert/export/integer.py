@@ -86,7 +86,7 @@ class WeightInfo:
     kind: str  # LutGather | Pow2Shift (the exact-mode decode)
     bits: int
     grid: str  # tensor | channel
-    scale: list[float]
+    scale: list[float]  # one step per tensor, or per output channel
     max_abs_error: float
     rel_rms_error: float
     lut_entries: int
@@ -140,9 +140,9 @@ class _Graph:
 
     def node(self, before: onnx.NodeProto, scope: str, op: str, inputs: list[str],
              output: str | None = None, **attrs) -> str:
-        self.count += 1
-        out = output or f"{scope}/int/{op.lower()}_{self.count}"
-        node = helper.make_node(op, inputs, [out], name=f"{scope}/int/{self.count}", **attrs)
+        self.count += 1  # short names, as the exporter's n<index>: they add up in the file
+        out = output or f"i{self.count}"
+        node = helper.make_node(op, inputs, [out], name=f"i{self.count}", **attrs)
         self.new_nodes.setdefault(id(before), []).append(node)
         return out
 
@@ -338,7 +338,8 @@ def _int_weight(g: _Graph, node: onnx.NodeProto, before, scope: str, outer: int,
     out_channels = shape[0]
     scale = np.broadcast_to(steps, (out_channels,)).astype(np.float32)
     info = WeightInfo(
-        node.op_type, bits, "channel" if per_channel else "tensor", scale.tolist(),
+        node.op_type, bits, "channel" if per_channel else "tensor",
+        [float(v) for v in steps.astype(np.float32)],  # one per grid row: 1 for a tensor
         float(np.abs(error).max()), float(np.sqrt((error**2).sum() / max((used**2).sum(), 1e-30))),
         int(new_table.size), int(new_table.nbytes))
     return w, scale, info
@@ -482,8 +483,10 @@ def _update_metadata(model: onnx.ModelProto, outer: int, layers: dict[str, Layer
     records = json.loads(meta.get("qconvert_layers", "{}"))
     present = {o for n in model.graph.node for o in n.output}
     for record in records.values():
-        # The exact-mode act nodes are gone or changed: no teacher-forced op check applies.
-        record["act_nodes"] = []
+        # The exact-mode act / weight nodes are gone or changed: the teacher-forced op checks
+        # (bit-exact against PyTorch) do not apply to integer mode.
+        for key in [k for k in record if k.endswith("_nodes")]:
+            record[key] = []
         # Values still in the graph keep their per-layer SQNR (LSQ / ASQ act_q are gone).
         if "values" in record:
             record["values"] = {k: v for k, v in record["values"].items() if v in present}

@@ -37,8 +37,10 @@ class ExportResult:
 
 def _torch_export(deploy: torch.nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
     batch = torch.export.Dim("batch", min=1)
-    # The exporter is chatty (warnings, progress prints); qconvert shows its own summary.
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    # The exporter is chatty (warnings, progress prints, graph dumps on failure); qconvert
+    # shows its own summary and a one-line error.
+    with (warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()),
+          contextlib.redirect_stderr(io.StringIO())):
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         try:

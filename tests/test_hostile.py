@@ -1,0 +1,112 @@
+"""Models qconvert cannot export faithfully, and ONNX models edited by hand: a clear
+refusal with exit code 2, never a wrong model or a traceback."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+
+from qconvert import QConvertError, load_checkpoint, save_checkpoint
+from qconvert.quant import quantize_model
+
+from .conftest import assert_one_line_error, invoke
+
+
+def _checkpoint(tmp_path, builder: str) -> str:
+    from tests import hostile_arch
+
+    model = getattr(hostile_arch, builder.split(":")[1])()
+    quantize_model(model, "lsq", 4, 4).train()
+    model(torch.rand(4, 1, 8, 8))
+    path = tmp_path / "hostile.pt"
+    save_checkpoint(path, model.eval(), arch=builder, input_shape=(1, 8, 8))
+    return str(path)
+
+
+def test_data_dependent_control_flow_is_refused(tmp_path):
+    ckpt = _checkpoint(tmp_path, "tests.hostile_arch:data_dependent")
+    out = tmp_path / "m.onnx"
+    message = assert_one_line_error(invoke(["export", ckpt, "--out", str(out)]))
+    assert "cannot export" in message
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["hostile.pt"]
+
+
+def test_unsupported_conv_variant_is_refused_naming_the_layer():
+    with pytest.raises(ValueError, match=r"layer conv: padding_mode 'reflect'"):
+        from tests import hostile_arch
+
+        quantize_model(hostile_arch.reflect_padded(), "lsq", 4, 4)
+
+
+def _edited(zoo, tmp_path, edit) -> str:
+    model = onnx.ModelProto()
+    model.CopyFrom(zoo.onnx_model("digits-lcq"))
+    edit(model)
+    path = tmp_path / "edited.onnx"
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def _drop_function(model: onnx.ModelProto) -> None:
+    kept = [f for f in model.functions if f.name != "CompandQuant"]
+    del model.functions[:]
+    model.functions.extend(kept)
+
+
+def _bump_domain_version(model: onnx.ModelProto) -> None:
+    for opset in model.opset_import:
+        if opset.domain == "qconvert":
+            opset.version = 2
+    for function in model.functions:
+        function.domain = "qconvert.v2"
+
+
+def _truncate_levels(model: onnx.ModelProto) -> None:
+    node = next(n for n in model.graph.node if n.op_type == "CompandQuant")
+    init = next(i for i in model.graph.initializer if i.name == node.input[4])
+    values = onnx.numpy_helper.to_array(init)[:-1]
+    init.CopyFrom(onnx.numpy_helper.from_array(values, init.name))
+
+
+def _truncate_codes(model: onnx.ModelProto) -> None:
+    node = next(n for n in model.graph.node if n.op_type == "LutGather")
+    init = next(i for i in model.graph.initializer if i.name == node.input[0])
+    init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init)[:3], init.name))
+
+
+EDITS = {
+    "missing-function-body": (_drop_function, ("function body",)),
+    "wrong-domain-version": (_bump_domain_version, ("version 2",)),
+    "levels-table-too-short": (_truncate_levels, ("levels", "CompandQuant_rejects")),
+    "packed-buffer-too-short": (_truncate_codes, ("Gather", "codes")),
+}
+
+
+@pytest.mark.parametrize("runtime", ["function", "native"])
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_hand_edited_model_fails_cleanly(zoo, calib_npz, tmp_path, edit, runtime):
+    from qconvert.native import library_path
+
+    if runtime == "native" and library_path() is None:
+        pytest.skip("native library not built")
+    if runtime == "native" and edit == "missing-function-body":
+        pytest.skip("the native kernels need no function bodies: that model is valid there")
+    change, expected = EDITS[edit]
+    model = _edited(zoo, tmp_path, change)
+    result = invoke(["validate", str(zoo.case("digits-lcq").path), model, "--calib",
+                     str(calib_npz), "--runtime", runtime])
+    message = assert_one_line_error(result)
+    assert any(e in message for e in expected), message
+
+
+def test_checkpoint_error_reaches_the_cli_as_one_line(tmp_path):
+    payload = torch.load(_checkpoint(tmp_path, "tests.hostile_arch:reflect_padded".replace(
+        "reflect_padded", "data_dependent")), weights_only=True)
+    payload["state_dict"]["conv.weight"] = payload["state_dict"]["conv.weight"] * float("inf")
+    bad = tmp_path / "inf.pt"
+    torch.save(payload, bad)
+    with pytest.raises(QConvertError, match="layer conv: weight holds NaN or Inf"):
+        load_checkpoint(bad)
+    message = assert_one_line_error(invoke(["export", str(bad), "--out", str(tmp_path / "x.onnx")]))
+    assert str(bad) in message and "layer conv" in message
