@@ -110,3 +110,49 @@ def test_checkpoint_error_reaches_the_cli_as_one_line(tmp_path):
         load_checkpoint(bad)
     message = assert_one_line_error(invoke(["export", str(bad), "--out", str(tmp_path / "x.onnx")]))
     assert str(bad) in message and "layer conv" in message
+
+
+def _mutations():
+    """(name, change to the checkpoint payload, text the error must contain)."""
+    def state(key, fn):
+        return lambda p: p["state_dict"].__setitem__(key, fn(p["state_dict"][key]))
+
+    def spec(layer, role, **fields):
+        return lambda p: p["layers"][layer][role].update(fields)
+
+    yield "nan-weight", state("features.3.weight", lambda t: t * float("nan")), "features.3"
+    yield "inf-bias", state("classifier.bias", lambda t: t + float("inf")), "classifier"
+    yield "nan-alpha", state("features.3.act_quant.alpha", lambda t: t * float("nan")), "alpha"
+    yield "negative-alpha", state("features.3.act_quant.alpha", lambda t: -t), "not positive"
+    yield "zero-step", state("features.0.act_quant.step", lambda t: t * 0), "not positive"
+    yield "non-monotone-compressor", state(
+        "features.3.weight_quant.theta", lambda t: torch.tensor([200.0] + [0.0] * 15)), "monotone"
+    yield "inf-theta", state("features.7.act_quant.theta", lambda t: t + float("inf")), "theta"
+    yield "uninitialised", state("features.7.act_quant.initialized",
+                                 lambda t: torch.tensor(False)), "never initialised"
+    yield "bits-9", spec("features.3", "weight", bits=9), "bit width 9"
+    yield "bits-1", spec("features.3", "act", bits=1), "bit width 1"
+    yield "unknown-weight-kind", spec("features.3", "weight", kind="apot"), "apot"
+    yield "unknown-act-kind", spec("features.3", "act", kind="pact"), "pact"
+    yield "missing-key", lambda p: p["state_dict"].pop("classifier.bias"), "classifier.bias"
+    yield "extra-key", lambda p: p["state_dict"].__setitem__("extra.w", torch.zeros(1)), "extra.w"
+    yield "wrong-shape", state("classifier.bias", lambda t: torch.zeros(3)), "classifier.bias"
+    yield ("unknown-architecture", lambda p: p["arch"].__setitem__("name", "resnet9000"),
+           "resnet9000")
+    yield "format-version", lambda p: p.__setitem__("version", 99), "version 99"
+
+
+MUTATIONS = list(_mutations())
+
+
+@pytest.mark.parametrize(("name", "mutate", "expected"), MUTATIONS, ids=[m[0] for m in MUTATIONS])
+def test_broken_checkpoint_is_one_line_naming_file_and_problem(zoo, tmp_path, name, mutate,
+                                                               expected):
+    payload = torch.load(zoo.case("digits-lcq").path, weights_only=True)
+    mutate(payload)
+    bad = tmp_path / f"{name}.pt"
+    torch.save(payload, bad)
+    out = tmp_path / "m.onnx"
+    message = assert_one_line_error(invoke(["export", str(bad), "--out", str(out)]))
+    assert str(bad) in message and expected in message, message
+    assert not out.exists()
