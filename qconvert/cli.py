@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import time
 from pathlib import Path
@@ -54,28 +55,42 @@ def _human(n: float) -> str:
               help="Leave out the model-local function bodies (the model then needs the "
                    "native library).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--mode", type=click.Choice(["exact", "integer"]), default="exact",
+              show_default=True, help="integer: activations and weights as b'-bit integers, "
+              "ConvInteger/MatMulInteger and one float rescale per layer (approximate).")
+@click.option("--outer-bits", default="8", show_default=True,
+              help="Integer mode: b' in 2..8, or 'auto' (smallest meeting --min-agreement on "
+                   "--calib).")
+@click.option("--calib", type=click.Path(path_type=Path), help="Data for --outer-bits auto.")
+@click.option("--min-agreement", default=0.995, show_default=True,
+              help="Top-1 agreement --outer-bits auto must reach.")
 @click.option("--allow-pickle", is_flag=True,
               help="Also load checkpoints holding pickled objects. Unpickling RUNS CODE from "
                    "the file: only for files you trust.")
 @_errors_to_exit_codes
 def export(checkpoint: Path, out: Path, opset: int, no_functions: bool, force: bool,
+           mode: str, outer_bits: str, calib: Path | None, min_agreement: float,
            allow_pickle: bool) -> None:
     """Export CHECKPOINT to an ONNX model with qconvert ops and packed low-bit weights."""
     from .checkpoint import load_checkpoint
-    from .export.onnx_export import check_output_path, export_checkpoint
+    from .export.onnx_export import build_onnx, check_output_path, write_atomically
     from .inspect_model import inspect_model
 
     check_output_path(out, force)
+    if mode == "integer" and outer_bits == "auto" and calib is None:
+        raise QConvertError("--outer-bits auto needs --calib DATA to measure agreement on")
     started = time.perf_counter()
     ckpt = load_checkpoint(checkpoint, allow_pickle=allow_pickle)
     count = sum(1 for _ in ckpt.layer_specs)
     with click.progressbar(length=count, label="folding layers", file=sys.stderr) as bar:
-        result = export_checkpoint(ckpt, out, opset=opset, with_functions=not no_functions,
-                                   force=force, progress=lambda _: bar.update(1))
+        model, layers = build_onnx(ckpt, opset, not no_functions, lambda _: bar.update(1))
+    if mode == "integer":
+        model = _to_integer(model, ckpt, outer_bits, calib, min_agreement)
+    write_atomically(model, out, force)
     seconds = time.perf_counter() - started
     info = inspect_model(out)
     click.echo(f"{'layer':<28} {'weight':<10} {'act':<10} {'params':>8}")
-    for layer in result.layers:
+    for layer in layers:
         click.echo(f"{layer.name:<28} {layer.weight_kind + ' ' + str(layer.weight_bits):<10} "
                    f"{layer.act_kind + ' ' + str(layer.act_bits):<10} {layer.params:>8}")
     ops = ", ".join(f"{k} x{v}" for k, v in sorted(info.custom_ops.items())) or "none"
@@ -84,6 +99,29 @@ def export(checkpoint: Path, out: Path, opset: int, no_functions: bool, force: b
                f"{info.file_bytes / info.ideal_bytes:.2f}x ideal packed "
                f"({_human(info.ideal_bytes)}), {info.file_bytes / info.fp32_bytes:.3f}x FP32 "
                f"({_human(info.fp32_bytes)}); {seconds:.1f} s")
+
+
+def _to_integer(model, ckpt, outer_bits: str, calib: Path | None, min_agreement: float):
+    from . import calib as calib_data
+    from .export.integer import choose_outer_bits, to_integer
+    from .runtime import session
+
+    if outer_bits == "auto":
+        data = calib_data.load_calibration(calib, ckpt.input.shape)
+        bits, agreements = choose_outer_bits(model, ckpt, data, min_agreement,
+                                             make_session=lambda m: session(m, announce=None))
+        tried = ", ".join(f"b'={b}: {a:.2%}" for b, a in sorted(agreements.items()))
+        click.echo(f"outer bits auto: {tried} -> b'={bits}")
+    else:
+        try:
+            bits = int(outer_bits)
+        except ValueError:
+            raise QConvertError(
+                f"--outer-bits must be 2..8 or 'auto', got {outer_bits!r}") from None
+    if not 2 <= bits <= 8:
+        raise QConvertError(f"--outer-bits {bits} is outside 2..8 (ConvInteger and "
+                            "MatMulInteger take 8-bit operands)")
+    return to_integer(model, bits)
 
 
 @main.command()
@@ -130,6 +168,12 @@ def validate(checkpoint: Path, model: Path, calib: Path | None, synthetic: int |
             else calib_data.load_calibration(calib, ckpt.input.shape))
     runtime = runtime or default_runtime()
     click.echo(f"runtime: {runtime}; data: {data.source}, {len(data.x)} samples")
+    meta = {p.key: p.value for p in onnx_model.metadata_props}
+    if meta.get("qconvert_mode") == "integer" and max_abs_diff is None:
+        # Integer mode re-quantizes on purpose: judge it on agreement, not on output bits.
+        max_abs_diff = math.inf
+        click.echo(f"integer model (b'={meta.get('qconvert_outer_bits')}): judged on top-1 "
+                   "agreement; give --max-abs-diff to bound the outputs too")
     with click.progressbar(length=len(data.x), label="validating", file=sys.stderr) as bar:
         result = val.validate(ckpt, onnx_model, data,
                               lambda m: session(m, runtime, announce=None),
@@ -162,6 +206,13 @@ def _diagnosis(r) -> str:
             "a rounding decision; raise --max-abs-diff / --max-rel-diff if that is acceptable")
 
 
+def _db(value, layer) -> str:
+    """SQNR cell; in integer mode a missing value means the layer has no such tensor."""
+    if value is None:
+        return "-" if layer.integer else "exact"
+    return f"{value:.1f}"
+
+
 def _check_provenance(ckpt, onnx_model, model_path: Path, strict: bool) -> None:
     meta = {p.key: p.value for p in onnx_model.metadata_props}
     recorded = meta.get("qconvert_checkpoint_sha256")
@@ -188,6 +239,11 @@ def _print_report(r) -> None:
         click.echo(f"{'layer':<28} {'act':<5} {'op mismatches':>16} {'weight':>7} "
                    f"{'act SQNR':>10} {'out SQNR':>10}")
         for layer in r.layers:
+            if layer.integer:
+                click.echo(f"{layer.name:<28} {layer.act_kind:<5} {'integer mode':>16} "
+                           f"{layer.weight_mismatches:>7} {_db(layer.act_sqnr_db, layer):>10} "
+                           f"{_db(layer.out_sqnr_db, layer):>10}")
+                continue
             if layer.merged:
                 click.echo(f"{layer.name:<28} {layer.act_kind:<5} shares its nodes with an "
                            "identical quantizer (checked there)")

@@ -16,7 +16,11 @@ from .export.onnx_export import INPUT_NAME
 from .ops import DOMAIN
 
 DECODE_OPS = {"LutGather": "table", "Pow2Shift": "alpha"}
-COMPUTE_OPS = {"Conv", "Gemm", "MatMul"}
+COMPUTE_OPS = {"Conv", "Gemm", "MatMul", "ConvInteger", "MatMulInteger"}
+# Integer mode (qconvert.export.integer): int32 outputs; the weight reaches the op through
+# Cast (and Transpose for MatMulInteger) from the LutGather decode of shape [C, K].
+INTEGER_OPS = {"ConvInteger": "Conv", "MatMulInteger": "Gemm"}
+WEIGHT_PASS_THROUGH = {"Cast", "Transpose"}
 
 
 @dataclass
@@ -71,11 +75,18 @@ def _compute_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     """Output shapes of Conv/Gemm/MatMul for one sample, from one run on zeros."""
     from .runtime import session  # local: inspect works without a runtime for sizes
 
-    outputs = [n.output[0] for n in model.graph.node if n.op_type in COMPUTE_OPS]
+    nodes = [n for n in model.graph.node if n.op_type in COMPUTE_OPS]
+    outputs = [n.output[0] for n in nodes]
+    if not outputs:
+        return {}
+    existing = {o.name for o in model.graph.output}
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    probe.graph.output.extend(onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None)
-                              for o in outputs)
+    probe.graph.output.extend(
+        onnx.helper.make_tensor_value_info(
+            n.output[0], onnx.TensorProto.INT32 if n.op_type in INTEGER_OPS
+            else onnx.TensorProto.FLOAT, None)
+        for n in nodes if n.output[0] not in existing)
     shape = json.loads(_meta(model).get("qconvert_input", '{"shape": []}'))["shape"]
     sess = session(probe, announce=None)
     values = sess.run({INPUT_NAME: np.zeros((1, *shape), np.float32)}, outputs)
@@ -87,9 +98,10 @@ def _meta(model: onnx.ModelProto) -> dict[str, str]:
 
 
 def _macs(node: onnx.NodeProto, out_shape: tuple[int, ...], weight_shape) -> int:
-    if node.op_type == "Conv":  # out elements x (Cin / groups) x kH x kW
+    op = INTEGER_OPS.get(node.op_type, node.op_type)
+    if op == "Conv":  # out elements x (Cin / groups) x kH x kW
         return math.prod(out_shape[1:]) * math.prod(weight_shape[1:])
-    return math.prod(out_shape[1:]) * weight_shape[-1 if node.op_type == "MatMul" else 1]
+    return math.prod(out_shape[1:]) * weight_shape[-1 if op == "MatMul" else 1]
 
 
 def inspect_model(path: str | Path) -> Inspection:
@@ -113,6 +125,8 @@ def inspect_model(path: str | Path) -> Inspection:
         if node.op_type not in COMPUTE_OPS:
             continue
         weight = node.input[1]
+        while weight in producers and producers[weight].op_type in WEIGHT_PASS_THROUGH:
+            weight = producers[weight].input[0]  # integer mode: back to the decode
         weight_shape = (tuple(inits[weight].dims) if weight in inits
                         else tuple(a.ints for a in producers[weight].attribute
                                    if a.name == "shape")[0])

@@ -40,6 +40,7 @@ class LayerReport:
     act_sqnr_db: float | None = None  # None: identical
     out_sqnr_db: float | None = None
     merged: bool = False  # the exporter shares an identical twin's nodes; checked there
+    integer: bool = False  # integer mode: approximate by design, no op-level check
 
 
 @dataclass
@@ -143,7 +144,10 @@ class _LayerChecker:
     def __init__(self, model: onnx.ModelProto, torch_model: torch.nn.Module,
                  make_session) -> None:
         self.records = _layer_records(model)
-        self.reports = {name: LayerReport(name, rec["act"][0], merged=not rec["act_nodes"])
+        integer = any(p.key == "qconvert_mode" and p.value == "integer"
+                      for p in model.metadata_props)
+        self.reports = {name: LayerReport(name, rec["act"][0], integer=integer,
+                                          merged=not rec["act_nodes"] and not integer)
                         for name, rec in self.records.items()}
         self.sessions = {name: make_session(quantizer_submodel(model, rec["act_nodes"]))
                          for name, rec in self.records.items() if rec["act_nodes"]}
