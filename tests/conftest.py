@@ -129,6 +129,15 @@ def train_case(spec: CaseSpec, steps: int = 3, batch: int = 8, seed: int = 0) ->
 PROGRESS_LABELS = {"validating", "folding layers"}
 
 
+@pytest.fixture(autouse=True)
+def _single_torch_thread():
+    """Test tensors are tiny: one intra-op thread is faster, and immune to a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def invoke(args: list[str], **kwargs):
     """Run the qconvert CLI in-process; stdout and stderr are kept apart."""
     return CliRunner().invoke(main, [str(a) for a in args], **kwargs)

@@ -17,14 +17,6 @@ from qconvert.quant import SCHEMES, QConv2d, QLinear, quantize_model
 DIGITS = {"in_channels": 1, "width": 8}
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tensors here are tiny: one intra-op thread is faster, and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def trained(scheme: str, arch: str = "digits_cnn", kwargs: dict | None = None,
             steps: int = 3, **options) -> torch.nn.Module:

@@ -29,13 +29,6 @@ def batch():
     return split.x_train[:32], torch.from_numpy(split.y_train[:32]), split.mean, split.std
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.mark.parametrize("arch", sorted(SHAPES))
 @pytest.mark.parametrize("scheme", sorted(SCHEMES))

@@ -25,14 +25,6 @@ from qconvert.quant import (
 ARCH_INPUTS = {"digits_cnn": 8, "resnet20": 16, "mobilenetv2_small": 16}
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tensors here are tiny: one intra-op thread is faster, and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 # What the scheme table means, written out independently: (weight class, root, act class).
 EXPECTED = {
     "lsq": (LSQQuantizer, None, LSQQuantizer),

@@ -17,14 +17,6 @@ from qconvert.quant import ASQQuantizer, LCQQuantizer, LSQQuantizer, PowerQuanti
 BITS = list(range(2, 9))
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tensors here are tiny: one intra-op thread is faster, and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # --------------------------------------------------------------------------- helpers
 

@@ -23,6 +23,18 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
+def residual_stages(width: int, stages: int, blocks_per_stage: int) -> tuple[nn.Sequential, int]:
+    """Stages of basic blocks, doubling channels and halving resolution after the first;
+    returns them and the output channel count."""
+    blocks, cin = [], width
+    for i in range(stages):
+        cout = width * 2**i
+        for j in range(blocks_per_stage):
+            blocks.append(BasicBlock(cin, cout, 2 if (i > 0 and j == 0) else 1))
+            cin = cout
+    return nn.Sequential(*blocks), cin
+
+
 class ResNet(nn.Module):
     def __init__(self, blocks_per_stage: int, in_channels: int = 3, num_classes: int = 10,
                  width: int = 16) -> None:
@@ -30,13 +42,7 @@ class ResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU()
-        stages, cin = [], width
-        for i in range(3):
-            cout = width * 2**i
-            for j in range(blocks_per_stage):
-                stages.append(BasicBlock(cin, cout, 2 if (i > 0 and j == 0) else 1))
-                cin = cout
-        self.layers = nn.Sequential(*stages)
+        self.layers, cin = residual_stages(width, 3, blocks_per_stage)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
 
@@ -59,13 +65,7 @@ class ImageNetResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU()
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        stages, cin = [], width
-        for i in range(4):
-            cout = width * 2**i
-            for j in range(2):
-                stages.append(BasicBlock(cin, cout, 2 if (i > 0 and j == 0) else 1))
-                cin = cout
-        self.layers = nn.Sequential(*stages)
+        self.layers, cin = residual_stages(width, 4, 2)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
 

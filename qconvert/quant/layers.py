@@ -9,13 +9,17 @@ from torch import nn
 from .base import Quantizer
 
 
-class QConv2d(nn.Conv2d):
-    """A Conv2d that quantizes its input activation and its weight."""
+class _Quantized:
+    """Holds a layer's two quantizers; mixed in before the float layer class."""
 
     def __init__(self, *args, act_quant: Quantizer, weight_quant: Quantizer, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.act_quant = act_quant
         self.weight_quant = weight_quant
+
+
+class QConv2d(_Quantized, nn.Conv2d):
+    """A Conv2d that quantizes its input activation and its weight."""
 
     @classmethod
     def from_float(
@@ -35,13 +39,8 @@ class QConv2d(nn.Conv2d):
         return self._conv_forward(self.act_quant(x), self.weight_quant(self.weight), self.bias)
 
 
-class QLinear(nn.Linear):
+class QLinear(_Quantized, nn.Linear):
     """A Linear layer that quantizes its input activation and its weight."""
-
-    def __init__(self, *args, act_quant: Quantizer, weight_quant: Quantizer, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.act_quant = act_quant
-        self.weight_quant = weight_quant
 
     @classmethod
     def from_float(
