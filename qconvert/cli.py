@@ -248,11 +248,10 @@ def _print_report(r) -> None:
                 click.echo(f"{layer.name:<28} {layer.act_kind:<5} shares its nodes with an "
                            "identical quantizer (checked there)")
                 continue
-            act = "exact" if layer.act_sqnr_db is None else f"{layer.act_sqnr_db:.1f}"
-            out = "exact" if layer.out_sqnr_db is None else f"{layer.out_sqnr_db:.1f}"
             click.echo(f"{layer.name:<28} {layer.act_kind:<5} "
                        f"{layer.op_mismatches:>7}/{layer.op_elements:<8} "
-                       f"{layer.weight_mismatches:>7} {act:>10} {out:>10}")
+                       f"{layer.weight_mismatches:>7} {_db(layer.act_sqnr_db, layer):>10} "
+                       f"{_db(layer.out_sqnr_db, layer):>10}")
 
 
 @main.command("inspect")

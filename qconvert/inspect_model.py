@@ -46,13 +46,12 @@ class Inspection:
     macs: int
     adapter_params: int
     adapter_macs: int
-    quantized_params: int
     metadata: dict = field(default_factory=dict)
     layers: list[LayerStorage] = field(default_factory=list)
 
     @property
     def adapter_param_ratio(self) -> float:
-        return self.adapter_params / max(1, self.quantized_params)
+        return self.adapter_params / max(1, self.weight_params)
 
     @property
     def adapter_mac_ratio(self) -> float:
@@ -60,6 +59,7 @@ class Inspection:
 
     def to_json(self) -> str:
         data = asdict(self)
+        data["quantized_params"] = self.weight_params  # the quantized weights' params
         data["adapter_param_ratio"] = self.adapter_param_ratio
         data["adapter_mac_ratio"] = self.adapter_mac_ratio
         data["size_vs_ideal"] = self.file_bytes / max(1, self.ideal_bytes)
@@ -151,7 +151,6 @@ def inspect_model(path: str | Path) -> Inspection:
         lut_bytes=table_bytes + sum(_initializer_bytes(inits[n.input[4]]) for n in model.graph.node
                                     if n.op_type == "CompandQuant" and n.input[4] in inits),
         macs=macs, adapter_params=adapter_params, adapter_macs=adapter_macs,
-        quantized_params=weight_params,
         metadata=_meta(model), layers=layers,
     )
 

@@ -126,12 +126,19 @@ def deploy_weight(q: Quantizer, weight: torch.Tensor) -> nn.Module:
     raise QConvertError(f"no deploy form for weight quantizer {type(q).__name__}")
 
 
-class DeployConv2d(nn.Module):
-    def __init__(self, layer: QConv2d) -> None:
+class _DeployLayer(nn.Module):
+    """A quantized layer's deploy parts: activation op, decoded weight, float bias."""
+
+    def __init__(self, layer: QConv2d | QLinear) -> None:
         super().__init__()
         self.act = deploy_activation(layer.act_quant)
         self.weight = deploy_weight(layer.weight_quant, layer.weight)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
+
+
+class DeployConv2d(_DeployLayer):
+    def __init__(self, layer: QConv2d) -> None:
+        super().__init__(layer)
         self.stride, self.padding = layer.stride, layer.padding
         self.dilation, self.groups = layer.dilation, layer.groups
 
@@ -140,13 +147,7 @@ class DeployConv2d(nn.Module):
                         self.dilation, self.groups)
 
 
-class DeployLinear(nn.Module):
-    def __init__(self, layer: QLinear) -> None:
-        super().__init__()
-        self.act = deploy_activation(layer.act_quant)
-        self.weight = deploy_weight(layer.weight_quant, layer.weight)
-        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
-
+class DeployLinear(_DeployLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.act(x), self.weight(), self.bias)
 
