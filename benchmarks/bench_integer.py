@@ -6,11 +6,14 @@
 Default checkpoints: every models/checkpoints/*.pt except the *-float* ones. For each
 checkpoint and outer bit width b': top-1 agreement with the PyTorch QAT model and the
 accuracy change on the labelled calibration split (models/data/digits_calib.npz), LUT
-bytes, file bytes, and latency at batch 1 and 32. All candidates of one checkpoint (FP32
-ORT, exact mode, integer mode at each b') run in this process with the same thread count
-and the timing rounds interleave them (A, B, C, A, B, C, ...), so ratios are side by side;
-each latency is the median over the rounds. Exact and integer mode use the native runtime
-when the library is built, else the function runtime.
+bytes, file bytes, and latency at batch 1 and 32. "noise floor" is the QAT model's top-1
+agreement with itself under input noise of 2^-10 x the input's std (``noise_floor``): how
+much agreement any tiny perturbation costs that model, the yardstick for integer mode's.
+All candidates of one checkpoint (FP32 ORT, exact mode, integer mode at each b') run in
+this process with the same thread count and the timing rounds interleave them (A, B, C, A,
+B, C, ...), so ratios are side by side; each latency is the median over the rounds. Exact
+and integer mode use the native runtime when the library is built, else the function
+runtime.
 
 ``--micro`` adds single-op timings, float Conv against ConvInteger (+ the Cast and Mul of
 the rescale) on a few layer shapes, to show where integer kernels win on this CPU.
@@ -30,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,8 +49,23 @@ from qconvert.runtime import default_runtime, session  # noqa: E402
 from qconvert.validate import validate  # noqa: E402
 
 CALIB = ROOT / "models" / "data" / "digits_calib.npz"
-COLUMNS = ["checkpoint", "model", "top-1 agr.", "acc. delta", "LUT B", "file B",
-           "b1 ms", "b1 xFP32", "b32 ms", "b32 xFP32"]
+NOISE_REL, NOISE_SEEDS = 2.0**-10, 5
+
+
+def noise_floor(model, inputs: torch.Tensor) -> float:
+    """Mean top-1 agreement of the QAT model with itself when Gaussian noise of std
+    ``NOISE_REL`` x the input's std is added to its input (``NOISE_SEEDS`` draws): the
+    agreement a perturbation far below the b'-bit grid's resolution already costs. A 4-bit
+    network's hard thresholds turn such perturbations into whole-level flips that grow with
+    depth, so integer mode cannot agree better than this on average."""
+    with torch.no_grad():
+        want = model(inputs).argmax(1)
+        agreements = []
+        for seed in range(NOISE_SEEDS):
+            noise = torch.randn(inputs.shape, generator=torch.Generator().manual_seed(seed))
+            got = model(inputs + NOISE_REL * inputs.std() * noise).argmax(1)
+            agreements.append((got == want).double().mean().item())
+    return float(np.mean(agreements))
 
 
 def _runner(model: onnx.ModelProto, runtime: str, threads: int):
@@ -82,7 +101,9 @@ def bench_checkpoint(path: Path, bits: list[int], rounds: int, threads: int,
         delta = (None if report.torch_accuracy is None
                  else report.onnx_accuracy - report.torch_accuracy)
         fidelity[name] = (report.top1_agreement, delta, lut_bytes(model))
-    inputs = prepare_inputs(data.x, ckpt.input.shape, ckpt.input.mean, ckpt.input.std).numpy()
+    inputs = prepare_inputs(data.x, ckpt.input.shape, ckpt.input.mean, ckpt.input.std)
+    floor = noise_floor(ckpt.model, inputs)
+    inputs = inputs.numpy()
     for batch in (1, 32):
         log(f"  latency at batch {batch}: {rounds} interleaved rounds")
         x = np.ascontiguousarray(np.resize(inputs, (batch, *inputs.shape[1:])))
@@ -92,6 +113,7 @@ def bench_checkpoint(path: Path, bits: list[int], rounds: int, threads: int,
         agreement, delta, luts = fidelity.get(c.name, (None, None, None))
         rows.append({
             "checkpoint": path.stem, "model": c.name, "top-1 agr.": agreement,
+            "noise floor": floor,
             "acc. delta": delta, "LUT B": luts, "file B": c.file_bytes,
             "b1 ms": c.latency_ms[1]["median"],
             "b1 xFP32": c.latency_ms[1]["median"] / base[1]["median"],
@@ -181,7 +203,7 @@ def _cell(value) -> str:
 def _fmt(key: str, value) -> str:
     if value is None:
         return "-"
-    if key == "top-1 agr.":
+    if key in ("top-1 agr.", "noise floor"):
         return f"{value:.2%}"
     if key == "acc. delta":
         return f"{value * 100:+.2f} pp"

@@ -5,7 +5,8 @@
 
 The FP32 model is rebuilt from the checkpoint and exported to a temporary file;
 the quantized model runs with the native qconvert library and its constant
-weight decodes folded (as ``qconvert bench`` does). Four sessions run
+weight decodes folded, as q (plain) and q-spliced (quantizers kept in ORT's NCHWc layout by
+qconvert.nchwc, what ``qconvert.session`` and ``qconvert bench`` run). The sessions run
 interleaved, so all see the same machine state: fp32 and q (the rows that
 count) with ORT's default optimizations, and both again with the NCHWc layout
 transformer disabled. Printed: median latency and the ratio to fp32.
@@ -37,19 +38,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qconvert import native  # noqa: E402
 from qconvert.bench import export_float, float_model  # noqa: E402
 from qconvert.checkpoint import load_checkpoint  # noqa: E402
+from qconvert.nchwc import spliced_session  # noqa: E402
 from qconvert.runtime import fold_weight_decodes  # noqa: E402
 
 
-def make_session(
-    model: bytes,
+def session_options(
     native_ops: bool,
     nchwc: bool,
     threads: int,
     profile_prefix: str | None = None,
     library: Path | None = None,
-) -> ort.InferenceSession:
+) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
+    so.log_severity_level = 3
     if not nchwc:
         so.add_session_config_entry("optimization.disable_specified_optimizers", "NchwcTransformer")
     if profile_prefix:
@@ -59,7 +61,12 @@ def make_session(
         so.register_custom_ops_library(str(library))
     elif native_ops:
         native.register(so)
-    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    return so
+
+
+def make_session(model: bytes, *args, **kwargs) -> ort.InferenceSession:
+    return ort.InferenceSession(model, session_options(*args, **kwargs),
+                                providers=["CPUExecutionProvider"])
 
 
 def input_for(sess: ort.InferenceSession, batch: int) -> dict[str, np.ndarray]:
@@ -162,6 +169,10 @@ def main() -> None:
         "fp32": make_session(fp32, False, True, args.threads),
         "q": make_session(q, True, True, args.threads),
     }
+    spliced = spliced_session(onnx.load_from_string(q),
+                              lambda: session_options(True, True, args.threads))
+    if spliced is not None:  # what qconvert.session runs: quantizers inside NCHWc
+        sessions["q-spliced"] = spliced
     for lib in args.lib:
         sessions[f"q[{lib.name}]"] = make_session(q, True, True, args.threads, library=lib)
     if not args.skip_nonchwc:

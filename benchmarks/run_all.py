@@ -66,6 +66,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--skip-resnet18", action="store_true")
+    parser.add_argument("--out", type=Path, default=OUT,
+                        help="where to write (the summary sections are edited by hand)")
     args = parser.parse_args()
     parts = [
         "# Benchmarks\n",
@@ -92,8 +94,8 @@ def main() -> None:
             parts.append(section("resnet18 (224x224, random LCQ W4A4 parameters)", path,
                                  synthetic(64, (3, 224, 224)), max(3, args.rounds // 5),
                                  ROOT / "docs" / "img" / "bench-resnet18.png"))
-    OUT.write_text("\n".join(parts))
-    print(f"wrote {OUT}")
+    args.out.write_text("\n".join(parts))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

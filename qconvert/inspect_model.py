@@ -109,17 +109,25 @@ def inspect_model(path: str | Path) -> Inspection:
     inits = {i.name: i for i in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
     layers, decoded_inputs = [], set()
+    by_codes: dict[str, LayerStorage] = {}  # integer-mode POST decodes its codes twice
+    by_weight: dict[str, LayerStorage] = {}
     for node in model.graph.node:
         if node.domain == DOMAIN and node.op_type in DECODE_OPS:
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            params = math.prod(attrs["shape"])
-            layers.append(LayerStorage(node.output[0], node.op_type, attrs["bits"], params,
-                                       _initializer_bytes(inits[node.input[0]]),
-                                       _initializer_bytes(inits[node.input[1]])))
+            table_bytes = _initializer_bytes(inits[node.input[1]])
+            if node.input[0] in by_codes:
+                layer = by_codes[node.input[0]]
+                layer.table_bytes += table_bytes
+            else:
+                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+                layer = LayerStorage(node.output[0], node.op_type, attrs["bits"],
+                                     math.prod(attrs["shape"]),
+                                     _initializer_bytes(inits[node.input[0]]), table_bytes)
+                layers.append(layer)
+                by_codes[node.input[0]] = layer
+            by_weight[node.output[0]] = layer
             decoded_inputs.update(node.input)
     other_bytes = sum(_initializer_bytes(i) for n, i in inits.items() if n not in decoded_inputs)
     shapes = _compute_shapes(model)
-    by_weight = {layer.weight: layer for layer in layers}
     macs = adapter_macs = adapter_params = 0
     for node in model.graph.node:
         if node.op_type not in COMPUTE_OPS:
@@ -133,7 +141,7 @@ def inspect_model(path: str | Path) -> Inspection:
         node_macs = _macs(node, shapes[node.output[0]], weight_shape)
         macs += node_macs
         if weight in by_weight:
-            by_weight[weight].macs = node_macs
+            by_weight[weight].macs += node_macs
         elif "adapter" in weight:
             adapter_macs += node_macs
             adapter_params += math.prod(weight_shape) + (

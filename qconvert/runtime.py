@@ -18,6 +18,7 @@ from onnx.reference import ReferenceEvaluator
 
 from . import native
 from .errors import QConvertError
+from .nchwc import spliced_session
 from .ops import DOMAIN, DOMAIN_VERSION, REFERENCE_OPS
 
 RUNTIMES = ("native", "function", "reference")
@@ -28,16 +29,20 @@ class Session:
     """One runtime behind one call: ``run(feeds, outputs=None) -> list of arrays``."""
 
     def __init__(self, model: onnx.ModelProto, runtime: str, threads: int = 0,
-                 fold_weights: bool = True) -> None:
+                 fold_weights: bool = True, layout_splice: bool = True) -> None:
         self.runtime = runtime
         self.input_names = [i.name for i in model.graph.input]
         self.output_names = [o.name for o in model.graph.output]
+        self.spliced = False
         if runtime == "reference":
             self._impl = ReferenceEvaluator(model, new_ops=REFERENCE_OPS)
             return
         if runtime == "native" and fold_weights:
             model = fold_weight_decodes(model)
-        self._impl = _ort_session(model, runtime, threads)
+        spliced = (spliced_session(model, lambda: _options(runtime, threads))
+                   if runtime == "native" and layout_splice else None)
+        self.spliced = spliced is not None  # quantizers run in ORT's NCHWc layout
+        self._impl = spliced or _ort_session(model, runtime, threads)
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list:
         try:
@@ -48,18 +53,23 @@ class Session:
                                 "re-export it with qconvert export") from exc
 
 
-def _ort_session(model: onnx.ModelProto, runtime: str, threads: int) -> ort.InferenceSession:
+def _options(runtime: str, threads: int) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
     if runtime == "native":
         native.register(options)
-    elif _missing_functions(model):
-            raise QConvertError(
-                f"the model has no function body for {', '.join(_missing_functions(model))}; "
-                "use --runtime native, or export without --no-functions"
-            )
+    return options
+
+
+def _ort_session(model: onnx.ModelProto, runtime: str, threads: int) -> ort.InferenceSession:
+    options = _options(runtime, threads)
+    if runtime != "native" and _missing_functions(model):
+        raise QConvertError(
+            f"the model has no function body for {', '.join(_missing_functions(model))}; "
+            "use --runtime native, or export without --no-functions"
+        )
     try:
         return ort.InferenceSession(model.SerializeToString(), options,
                                     providers=["CPUExecutionProvider"])

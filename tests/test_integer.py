@@ -29,6 +29,7 @@ from qconvert.validate import validate, with_extra_outputs
 ROOT = Path(__file__).resolve().parent.parent
 CALIB = ROOT / "models" / "data" / "digits_calib.npz"
 SCHEMES = ("lcq", "asq-post", "asq-lsq", "lsq", "pot")
+SQRT_HALF = np.float32(math.sqrt(0.5))
 SHAPE = (1, 8, 8)
 
 
@@ -126,7 +127,8 @@ def test_integer_graph_replaces_every_quantized_layer(trained, scheme):
     model = case.integer(8)
     onnx.checker.check_model(model, full_check=True)
     ops = [n.op_type for n in model.graph.node]
-    assert ops.count("ConvInteger") == 3 and ops.count("MatMulInteger") == 1
+    post = scheme == "asq-post"  # two integer convolutions per POST layer
+    assert ops.count("ConvInteger") == (5 if post else 3) and ops.count("MatMulInteger") == 1
     assert "Conv" not in ops
     inits = {i.name for i in model.graph.initializer}
     for node in model.graph.node:
@@ -191,6 +193,22 @@ def _int_conv(a: np.ndarray, w: np.ndarray, pads, strides) -> np.ndarray:
     return np.einsum("nchwij,ocij->nohw", win, w, optimize=True)
 
 
+def _weight_branches(w: np.ndarray, delta_w: np.ndarray, decode) -> list[tuple]:
+    """The integer weight tensors and the factor on each one's accumulator. POST
+    (Pow2Shift, root 2): a weight that is an integer multiple of its step has an even
+    sqrt(2) exponent; the rest, divided by sqrt(1/2), must be integers too."""
+    ratio = w.astype(np.float64) / delta_w
+    if decode.op_type == "Pow2Shift" and _attrs(decode)["root"] == 2:
+        even = np.where(ratio == np.round(ratio), ratio, 0.0)
+        odd = np.round((ratio - even) / SQRT_HALF)
+        np.testing.assert_allclose(even + SQRT_HALF * odd, ratio, rtol=1e-6, atol=1e-6)
+        assert np.all((even == 0) | (odd == 0)) and np.any(odd != 0) and np.any(even != 0)
+        return [(even, 1.0), (odd, SQRT_HALF)]
+    w_int = np.round(ratio)
+    assert np.abs(w_int - ratio).max() <= 0.5 * (1 + 1e-6)
+    return [(w_int, 1.0)]
+
+
 def _emulate(case: Trained, layer: str, outer: int) -> tuple[np.ndarray, np.ndarray]:
     """(numpy emulation, ONNX) of ``layer``'s output in the integer model at ``outer`` bits.
 
@@ -241,22 +259,27 @@ def _emulate(case: Trained, layer: str, outer: int) -> tuple[np.ndarray, np.ndar
     w = _decoded_weight(exact, decode)
     delta_w = np.broadcast_to(np.asarray(detail["weight"]["scale"], np.float32), (w.shape[0],))
     view = (-1,) + (1,) * (w.ndim - 1)
-    w_int = np.round(w / delta_w.reshape(view))
-    assert np.abs(w_int * delta_w.reshape(view) - w).max() <= delta_w.max() / 2 * (1 + 1e-6)
-    assert w_int.min() >= -hi8 - 1 and w_int.max() <= hi8
-    a64, w64 = codes.astype(np.int64), w_int.astype(np.int64)
+    a64 = codes.astype(np.int64)
+    acc = np.float32(0)
+    for w_int, factor in _weight_branches(w, delta_w.reshape(view), decode):
+        assert w_int.min() >= -hi8 - 1 and w_int.max() <= hi8
+        w64 = w_int.astype(np.int64)
+        if compute.op_type == "Conv":
+            c_attrs = _attrs(compute)
+            branch = _int_conv(a64, w64, c_attrs.get("pads", [0] * 4),
+                               c_attrs.get("strides", [1, 1]))
+        else:
+            branch = a64 @ w64.T
+        assert np.abs(branch).max() < 2**31
+        acc = acc + branch.astype(np.float32) * np.float32(factor)
     if compute.op_type == "Conv":
-        c_attrs = _attrs(compute)
-        acc = _int_conv(a64, w64, c_attrs.get("pads", [0] * 4), c_attrs.get("strides", [1, 1]))
         wv = delta_w.reshape(1, -1, 1, 1)
         scale = (delta_a * wv if np.ndim(delta_a) == 0 else
                  (delta_a.reshape(-1, 1, 1, 1) * wv)).astype(np.float32)
     else:
-        acc = a64 @ w64.T
         scale = (np.float32(delta_a) * delta_w.reshape(1, -1) if np.ndim(delta_a) == 0 else
                  (delta_a.reshape(-1, 1) * delta_w.reshape(1, -1))).astype(np.float32)
-    assert np.abs(acc).max() < 2**31
-    emulated = acc.astype(np.float32) * scale
+    emulated = acc * scale
     if len(compute.input) > 2 and compute.input[2]:
         emulated = emulated + inits[compute.input[2]].reshape(1, -1, *[1] * (acc.ndim - 2))
     return emulated, values[out_name]
@@ -303,6 +326,19 @@ def test_pot_weights_exact_on_8_bit_grid(trained):
     details = integer_details(trained("pot").integer(8))
     for layer in ("features.3", "features.7"):
         assert details[layer]["weight"]["max_abs_error"] == 0.0
+
+
+@pytest.mark.parametrize("outer", [6, 8])
+def test_post_weights_split_exactly(trained, outer):
+    """4-bit POST magnitudes reach sqrt(1/2)^6 = 2^-3: both branches are exact from
+    b' = 5 on; only float32 rounding of the odd-exponent table entries remains."""
+    model = trained("asq-post").integer(outer)
+    details = integer_details(model)
+    for layer in ("features.3", "features.7"):
+        weight = details[layer]["weight"]
+        assert weight["branches"] == 2 and weight["rel_rms_error"] < 1e-6, weight
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("ConvInteger") == 2 * 2 + 1  # first layer: 8-bit LSQ, one branch
 
 
 # ------------------------------------------------------------------ agreement / runtimes

@@ -37,6 +37,15 @@ Per layer (see ``to_integer``):
   smaller magnitudes round half-to-even, e.g. ``0.5 * Δw`` to 0; 4-bit POT at b' = 8 is
   exact, at b' = 6 its two smallest magnitudes 2^-5, 2^-6 become 0; POST's odd powers of
   sqrt(2) round to the nearest integer either way).
+- weight, POST (``Pow2Shift`` with root 2): the POST paper's shift + table semantics, kept
+  exact. Every magnitude is ``2^-j`` (even exponent) or ``sqrt(1/2) * 2^-j`` (odd), so the
+  weight splits into two integer tensors on the grid ``Δw = alpha * 2^-(b'-2)``, one holding
+  the even-exponent weights and one the odd ones divided by ``sqrt(1/2)``: both are exact
+  powers of two (down to ``2^-(b'-2)``; smaller ones round half-to-even). Two integer
+  convolutions over the same activation codes accumulate apart and the odd sum is scaled by
+  ``sqrt(1/2)`` once per output: ``y = Δa Δw (acc_even + sqrt(1/2) acc_odd)``. Twice the
+  integer MACs, but no rounding of the odd powers (a single b'-bit grid rounds
+  ``sqrt(1/2)^k`` to the nearest integer: 2-6 % error on 4-bit POST at b' = 8).
 
 Integer types: ``uint8`` for both operands, with zero point 128 for signed values. That
 is the one combination ONNX Runtime's kernels compute exactly on AVX2 machines for both
@@ -59,7 +68,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..errors import QConvertError
 from ..ops import DOMAIN
 from ..ops.packing import unpack_codes_np
-from ..quant.pot import magnitude_levels
+from ..quant.pot import SQRT_HALF, magnitude_levels
 
 MIN_OUTER_BITS, MAX_OUTER_BITS = 2, 8
 ZERO_POINT_SIGNED = 128
@@ -91,6 +100,17 @@ class WeightInfo:
     rel_rms_error: float
     lut_entries: int
     lut_bytes: int
+    branches: int = 1  # integer convolutions per layer: 2 for POST (even / odd exponents)
+
+
+@dataclass
+class _IntWeight:
+    """A layer weight as uint8 tensors; each branch's int32 accumulator is scaled by its
+    factor and the branches summed before the per-layer rescale."""
+
+    branches: list[tuple[str, float]]  # (uint8 weight value, factor)
+    scale: np.ndarray  # Δw per output channel
+    info: WeightInfo
 
 
 @dataclass
@@ -316,8 +336,31 @@ def _best_steps(values: np.ndarray, outer: int) -> tuple[np.ndarray, np.ndarray]
     return steps, best
 
 
+def _uint8_weight(g: _Graph, node: onnx.NodeProto, before, scope: str, table: np.ndarray,
+                  name: str, transpose: bool) -> str:
+    """The packed codes of ``node`` decoded through an integer ``table`` (zero point added)."""
+    attrs = _attrs(node)
+    decoded = g.node(before, scope, "LutGather", [
+        node.input[0], g.const(f"{scope}/int/{name}", (table + ZERO_POINT_SIGNED).astype(
+            np.float32))], bits=int(attrs["bits"]), shape=list(attrs["shape"]), domain=DOMAIN)
+    w = g.node(before, scope, "Cast", [decoded], to=TensorProto.UINT8)
+    return g.node(before, scope, "Transpose", [w], perm=[1, 0]) if transpose else w
+
+
+def _weight_info(node: onnx.NodeProto, bits: int, steps: np.ndarray, used: np.ndarray,
+                 rebuilt: np.ndarray, tables: list[np.ndarray]) -> WeightInfo:
+    error = rebuilt - used
+    return WeightInfo(
+        node.op_type, bits, "channel" if steps.size > 1 else "tensor",
+        [float(v) for v in steps.astype(np.float32)],  # one per grid row: 1 for a tensor
+        float(np.abs(error).max()), float(np.sqrt((error**2).sum() / max((used**2).sum(), 1e-30))),
+        sum(t.size for t in tables), sum(t.size * 4 for t in tables), len(tables))
+
+
 def _int_weight(g: _Graph, node: onnx.NodeProto, before, scope: str, outer: int,
-                transpose: bool) -> tuple[str, np.ndarray, WeightInfo]:
+                transpose: bool) -> _IntWeight:
+    if node.op_type == "Pow2Shift" and int(_attrs(node)["root"]) == 2:
+        return _post_weight(g, node, before, scope, outer, transpose)
     table, codes, bits, shape = _decode_table(g, node)
     per_channel = table.ndim == 2
     rows = table if per_channel else table[None, :]
@@ -326,23 +369,38 @@ def _int_weight(g: _Graph, node: onnx.NodeProto, before, scope: str, outer: int,
     steps, _ = _best_steps(used, outer)
     lo, hi = _code_range(outer, True)
     ints = np.clip(np.round(rows / steps[:, None]), lo, hi)
-    new_table = (ints + ZERO_POINT_SIGNED).astype(np.float32)
-    error = ints[channel, codes].reshape(used.shape) * steps[:, None].astype(np.float64) - used
-    name = g.node(before, scope, "LutGather", [
-        node.input[0], g.const(f"{scope}/int/weight_table",
-                               new_table if per_channel else new_table[0])],
-                  bits=bits, shape=shape, domain=DOMAIN)
-    w = g.node(before, scope, "Cast", [name], to=TensorProto.UINT8)
-    if transpose:
-        w = g.node(before, scope, "Transpose", [w], perm=[1, 0])
-    out_channels = shape[0]
-    scale = np.broadcast_to(steps, (out_channels,)).astype(np.float32)
-    info = WeightInfo(
-        node.op_type, bits, "channel" if per_channel else "tensor",
-        [float(v) for v in steps.astype(np.float32)],  # one per grid row: 1 for a tensor
-        float(np.abs(error).max()), float(np.sqrt((error**2).sum() / max((used**2).sum(), 1e-30))),
-        int(new_table.size), int(new_table.nbytes))
-    return w, scale, info
+    rebuilt = ints[channel, codes].reshape(used.shape) * steps[:, None].astype(np.float64)
+    ints = ints if per_channel else ints[0]
+    w = _uint8_weight(g, node, before, scope, ints, "weight_table", transpose)
+    return _IntWeight([(w, 1.0)], np.broadcast_to(steps, (shape[0],)).astype(np.float32),
+                      _weight_info(node, bits, steps, used, rebuilt, [ints]))
+
+
+def _post_weight(g: _Graph, node: onnx.NodeProto, before, scope: str, outer: int,
+                 transpose: bool) -> _IntWeight:
+    """POST weights as an even-exponent and an odd-exponent integer tensor (module doc)."""
+    table, codes, bits, shape = _decode_table(g, node)
+    alpha = g.array(node.input[1]).astype(np.float32).reshape(-1)
+    pattern = np.arange(1 << bits)
+    magnitude_code = pattern & ((1 << (bits - 1)) - 1)  # m = 0 is zero, m = M is 1
+    exponent = ((1 << (bits - 1)) - 1) - magnitude_code  # |w| / alpha = sqrt(1/2)^exponent
+    sign = np.where(pattern >> (bits - 1), -1.0, 1.0)
+    shift = outer - 2
+    power = sign * np.ldexp(1.0, shift - exponent // 2)  # 2^-j on the grid 2^-shift
+    lo, hi = _code_range(outer, True)
+    even, odd = (np.clip(np.round(np.where((magnitude_code > 0) & (exponent % 2 == parity),
+                                           power, 0.0)), lo, hi) for parity in (0, 1))
+    steps = np.ldexp(alpha, -shift).astype(np.float32)  # exact: a power-of-two scaling
+    rows = table if table.ndim == 2 else table[None, :]
+    channel = np.arange(codes.size) // (codes.size // rows.shape[0])
+    used = rows[channel, codes].reshape(rows.shape[0], -1).astype(np.float64)
+    rebuilt = (even[codes] + float(SQRT_HALF) * odd[codes]).reshape(used.shape) \
+        * steps[:, None].astype(np.float64)
+    branches = [(_uint8_weight(g, node, before, scope, even, "weight_table", transpose), 1.0),
+                (_uint8_weight(g, node, before, scope, odd, "weight_table_odd", transpose),
+                 float(SQRT_HALF))]
+    return _IntWeight(branches, np.broadcast_to(steps, (shape[0],)).astype(np.float32),
+                      _weight_info(node, bits, steps, used, rebuilt, [even, odd]))
 
 
 # ---------------------------------------------------------------- layers
@@ -364,38 +422,41 @@ def _rewrite_layer(g: _Graph, node: onnx.NodeProto, decode: onnx.NodeProto, oute
     if node.input[0] not in acts:
         acts[node.input[0]] = _int_act(g, node.input[0], node, scope, outer, wide)
     act = acts[node.input[0]]
-    w, w_scale, w_info = _int_weight(g, decode, node, scope, outer,
-                                     transpose=not is_conv and attrs.get("transB", 0) == 1)
+    weight = _int_weight(g, decode, node, scope, outer,
+                         transpose=not is_conv and attrs.get("transB", 0) == 1)
     w_zp = g.const(f"{scope}/int/weight_zero_point", np.array(ZERO_POINT_SIGNED, np.uint8))
-    if is_conv:
-        conv_attrs = {k: v for k, v in attrs.items()
-                      if k in ("auto_pad", "dilations", "group", "kernel_shape", "pads",
-                               "strides")}
-        acc = g.node(node, scope, "ConvInteger", [act.value, w, act.zero_point, w_zp],
-                     **conv_attrs)
-    else:
-        acc = g.node(node, scope, "MatMulInteger", [act.value, w, act.zero_point, w_zp])
-    acc = g.node(node, scope, "Cast", [acc], to=TensorProto.FLOAT)
+    conv_attrs = {k: v for k, v in attrs.items()
+                  if k in ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")}
+    accs = []
+    for w, factor in weight.branches:
+        acc = g.node(node, scope, "ConvInteger" if is_conv else "MatMulInteger",
+                     [act.value, w, act.zero_point, w_zp], **(conv_attrs if is_conv else {}))
+        acc = g.node(node, scope, "Cast", [acc], to=TensorProto.FLOAT)
+        if factor != 1.0:
+            acc = g.node(node, scope, "Mul", [acc, g.const(
+                f"{scope}/int/branch_factor", np.array(factor, np.float32))])
+        accs.append(acc)
+    acc = accs[0] if len(accs) == 1 else g.node(node, scope, "Add", accs)
     view = [1, -1, 1, 1] if is_conv else [1, -1]
     if act.scale is not None:
         scale = g.const(f"{scope}/int/out_scale",
-                        (np.float32(act.scale) * w_scale).astype(np.float32).reshape(view))
+                        (np.float32(act.scale) * weight.scale).astype(np.float32).reshape(view))
     else:  # ASQ: per sample x per channel, [N, C, 1, 1]
         sample_view = np.array([-1, 1, 1, 1] if is_conv else [-1, 1], np.int64)
         per_sample = g.node(node, scope, "Reshape", [
             act.scale_value, g.const(f"{scope}/int/sample_view", sample_view)])
         scale = g.node(node, scope, "Mul", [per_sample, g.const(
-            f"{scope}/int/weight_scale", w_scale.reshape(view))])
+            f"{scope}/int/weight_scale", weight.scale.reshape(view))])
     has_bias = len(node.input) > 2 and node.input[2]
     out = g.node(node, scope, "Mul", [acc, scale], output=None if has_bias else node.output[0])
     if has_bias:
         bias = g.array(node.input[2]).astype(np.float32).reshape(view)
         g.node(node, scope, "Add", [out, g.const(f"{scope}/int/bias", bias)],
                output=node.output[0])
-    lut_bytes = w_info.lut_bytes + act.info.lut_bytes
-    layer = LayerInfo("ConvInteger" if is_conv else "MatMulInteger", act.info, w_info,
-                      lut_bytes, (w_info.lut_entries + act.info.lut_entries) * outer)
-    return layer
+    info = weight.info
+    return LayerInfo("ConvInteger" if is_conv else "MatMulInteger", act.info, info,
+                     info.lut_bytes + act.info.lut_bytes,
+                     (info.lut_entries + act.info.lut_entries) * outer)
 
 
 def _prune(model: onnx.ModelProto) -> None:
