@@ -121,8 +121,8 @@ def _torch_runner(model: torch.nn.Module) -> Runner:
 def measure_latency(candidates: list[Candidate], x: np.ndarray, rounds: int) -> None:
     """Median and p90 per candidate over ``rounds`` interleaved rounds (so all see the same
     machine load). Each timed run follows an untimed run of the same candidate: steady-state
-    latency, not the cold caches left by whichever candidate ran before (PyTorch eager
-    evicts a small ONNX model's weights and buffers: 2.5x instead of 1.3x on the digits CNN).
+    latency, not the cold caches left by whichever candidate ran before (PyTorch eager above
+    all, which evicts a small ONNX model's weights and buffers).
     """
     for c in candidates:  # warm-up: first-run allocations, pre-packing
         c.run(x)

@@ -20,6 +20,7 @@ which reports any error.
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -39,10 +40,11 @@ _UNIFORM_CHAIN = ("Mul", "Clip", "Round", "Div")  # LSQ as standard ops, walked 
 
 
 def _quantizer_units(model: onnx.ModelProto) -> list[list[onnx.NodeProto]]:
-    """Elementwise quantizers with per-tensor constants, each as its node chain: a
-    CompandQuant, or an LSQ ``Div(x, s) -> Round -> Clip -> Mul(., s)``."""
+    """The activation quantizers, each as its node chain: a CompandQuant or AdaptiveStep
+    node, or an LSQ ``Div(x, s) -> Round -> Clip -> Mul(., s)`` with scalar constants (a
+    per-channel constant would broadcast wrongly against a blocked tensor)."""
     producers = {o: n for n in model.graph.node for o in n.output}
-    constants = {i.name for i in model.graph.initializer}
+    scalars = {i.name for i in model.graph.initializer if math.prod(i.dims) == 1}
     units = []
     for node in model.graph.node:
         if node.domain == DOMAIN and node.op_type in SPLICED_OPS:
@@ -56,7 +58,7 @@ def _quantizer_units(model: onnx.ModelProto) -> list[list[onnx.NodeProto]]:
                 chain.append(source)
             params = [i for n in chain for i in n.input[1:] if i]
             if (len(chain) == len(_UNIFORM_CHAIN) and chain[-1].input[1] == node.input[1]
-                    and all(i in constants for i in params)):
+                    and all(i in scalars for i in params)):
                 units.append(chain[::-1])
     return units
 
@@ -141,8 +143,8 @@ def _restore(optimized: onnx.ModelProto, original: onnx.ModelProto,
 
 def spliced_session(model: onnx.ModelProto,
                     make_options: Callable[[], ort.SessionOptions]) -> ort.InferenceSession | None:
-    """An ORT session running ``model``'s CompandQuant nodes in the NCHWc layout, or None
-    when there is nothing to splice or anything does not go as expected."""
+    """An ORT session running ``model``'s activation quantizers in the NCHWc layout, or
+    None when there is nothing to splice or anything does not go as expected."""
     stand_in, saved = _placeholders(model)
     if not saved:
         return None

@@ -102,3 +102,28 @@ def test_bad_quantizer_parameters_still_fail_with_the_node_name():
     with pytest.raises(Exception, match="layers.0.conv2|levels"):
         Session(model, "native", threads=1).run(
             {"input": np.zeros((1, 1, 16, 16), np.float32)})
+
+
+@pytest.mark.parametrize("step_shape", [(), (4, 1, 1)])
+def test_only_scalar_lsq_chains_are_spliced(step_shape):
+    """Div -> Round -> Clip -> Mul before a Conv is spliced only with scalar constants: a
+    per-channel step would broadcast against the wrong axis of a blocked tensor."""
+    helper = onnx.helper
+    inits = [numpy_helper.from_array(np.full(step_shape, 0.1, np.float32), "s"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+             numpy_helper.from_array(np.array(15.0, np.float32), "hi"),
+             numpy_helper.from_array(np.ones((4, 4, 3, 3), np.float32), "w")]
+    nodes = [helper.make_node("Div", ["x", "s"], ["d"]), helper.make_node("Round", ["d"], ["r"]),
+             helper.make_node("Clip", ["r", "lo", "hi"], ["c"]),
+             helper.make_node("Mul", ["c", "s"], ["q"]),
+             helper.make_node("Conv", ["q", "w"], ["y"], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    _, saved = _placeholders(model)
+    assert len(saved) == (1 if step_shape == () else 0)
+    x = np.random.default_rng(0).random((1, 4, 8, 8), dtype=np.float32)
+    spliced, plain = _sessions(model)
+    assert spliced.spliced == (step_shape == ())
+    np.testing.assert_array_equal(spliced.run({"x": x})[0], plain.run({"x": x})[0])

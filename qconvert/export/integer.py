@@ -357,20 +357,24 @@ def _weight_info(node: onnx.NodeProto, bits: int, steps: np.ndarray, used: np.nd
         sum(t.size for t in tables), sum(t.size * 4 for t in tables), len(tables))
 
 
+def _by_row(table: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The table as grid rows ([1, L] or [C, L]), each code's row, the decoded weight by row."""
+    rows = table if table.ndim == 2 else table[None, :]
+    channel = np.arange(codes.size) // (codes.size // rows.shape[0])
+    return rows, channel, rows[channel, codes].reshape(rows.shape[0], -1)
+
+
 def _int_weight(g: _Graph, node: onnx.NodeProto, before, scope: str, outer: int,
                 transpose: bool) -> _IntWeight:
     if node.op_type == "Pow2Shift" and int(_attrs(node)["root"]) == 2:
         return _post_weight(g, node, before, scope, outer, transpose)
     table, codes, bits, shape = _decode_table(g, node)
-    per_channel = table.ndim == 2
-    rows = table if per_channel else table[None, :]
-    channel = np.arange(codes.size) // (codes.size // rows.shape[0])
-    used = rows[channel, codes].reshape(rows.shape[0], -1)  # the decoded weight, by row
+    rows, channel, used = _by_row(table, codes)
     steps, _ = _best_steps(used, outer)
     lo, hi = _code_range(outer, True)
     ints = np.clip(np.round(rows / steps[:, None]), lo, hi)
     rebuilt = ints[channel, codes].reshape(used.shape) * steps[:, None].astype(np.float64)
-    ints = ints if per_channel else ints[0]
+    ints = ints if table.ndim == 2 else ints[0]
     w = _uint8_weight(g, node, before, scope, ints, "weight_table", transpose)
     return _IntWeight([(w, 1.0)], np.broadcast_to(steps, (shape[0],)).astype(np.float32),
                       _weight_info(node, bits, steps, used, rebuilt, [ints]))
@@ -391,9 +395,7 @@ def _post_weight(g: _Graph, node: onnx.NodeProto, before, scope: str, outer: int
     even, odd = (np.clip(np.round(np.where((magnitude_code > 0) & (exponent % 2 == parity),
                                            power, 0.0)), lo, hi) for parity in (0, 1))
     steps = np.ldexp(alpha, -shift).astype(np.float32)  # exact: a power-of-two scaling
-    rows = table if table.ndim == 2 else table[None, :]
-    channel = np.arange(codes.size) // (codes.size // rows.shape[0])
-    used = rows[channel, codes].reshape(rows.shape[0], -1).astype(np.float64)
+    _, _, used = _by_row(table, codes)
     rebuilt = (even[codes] + float(SQRT_HALF) * odd[codes]).reshape(used.shape) \
         * steps[:, None].astype(np.float64)
     branches = [(_uint8_weight(g, node, before, scope, even, "weight_table", transpose), 1.0),
