@@ -5,8 +5,9 @@
 
 The FP32 model is rebuilt from the checkpoint and exported to a temporary file;
 the quantized model runs with the native qconvert library and its constant
-weight decodes folded, as q (plain) and q-spliced (quantizers kept in ORT's NCHWc layout by
-qconvert.nchwc, what ``qconvert.session`` and ``qconvert bench`` run). The sessions run
+weight decodes folded, as q (plain) and q-rewritten (what ``qconvert.session`` and
+``qconvert bench`` run: LSQ quantizers fused into AdaptiveStep, quantizers kept in ORT's
+NCHWc layout by qconvert.nchwc). The sessions run
 interleaved, so all see the same machine state: fp32 and q (the rows that
 count) with ORT's default optimizations, and both again with the NCHWc layout
 transformer disabled. Printed: median latency and the ratio to fp32.
@@ -39,7 +40,7 @@ from qconvert import native  # noqa: E402
 from qconvert.bench import export_float, float_model  # noqa: E402
 from qconvert.checkpoint import load_checkpoint  # noqa: E402
 from qconvert.nchwc import spliced_session  # noqa: E402
-from qconvert.runtime import fold_weight_decodes  # noqa: E402
+from qconvert.runtime import fold_weight_decodes, fuse_uniform_quantizers  # noqa: E402
 
 
 def session_options(
@@ -169,10 +170,10 @@ def main() -> None:
         "fp32": make_session(fp32, False, True, args.threads),
         "q": make_session(q, True, True, args.threads),
     }
-    spliced = spliced_session(onnx.load_from_string(q),
-                              lambda: session_options(True, True, args.threads))
-    if spliced is not None:  # what qconvert.session runs: quantizers inside NCHWc
-        sessions["q-spliced"] = spliced
+    rewritten = spliced_session(fuse_uniform_quantizers(onnx.load_from_string(q)),
+                                lambda: session_options(True, True, args.threads))
+    if rewritten is not None:  # what qconvert.session runs (see qconvert/runtime.py)
+        sessions["q-rewritten"] = rewritten
     for lib in args.lib:
         sessions[f"q[{lib.name}]"] = make_session(q, True, True, args.threads, library=lib)
     if not args.skip_nonchwc:

@@ -10,7 +10,7 @@ in any layout (the blocked tensor keeps the batch as its first dimension).
 handle) in place of each quantizer that feeds only convolutions (``CompandQuant``,
 ``AdaptiveStep``, or LSQ's Div -> Round -> Clip -> Mul), takes ORT's optimized graph, puts
 the quantizer back on the blocked tensor, and opens that graph without re-running the
-layout pass. Outputs are bit-identical to the plain native session (tests/test_nchwc.py);
+layout pass. Outputs are bit-identical to the plain native session (tests/test_native_rewrites.py);
 the speed-up is in docs/benchmarks.md.
 
 Anything unexpected (a quantizer the transformer did not keep, an ORT that names nodes
@@ -29,6 +29,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
+from .export.graph import uniform_chain
 from .ops import DOMAIN
 
 SPLICED_OPS = ("CompandQuant", "AdaptiveStep")
@@ -36,7 +37,6 @@ SPLICED_OPS = ("CompandQuant", "AdaptiveStep")
 # does not merge two quantizers of the same tensor (a ResNet shortcut and its block).
 _VARIANTS = ({}, {"ceil_mode": 1}, {"pads": [0, 0, 0, 0]}, {"ceil_mode": 1, "pads": [0] * 4})
 _NCHWC_SUFFIX = "_nchwc"  # ORT names a transformed node after its first output
-_UNIFORM_CHAIN = ("Mul", "Clip", "Round", "Div")  # LSQ as standard ops, walked backwards
 
 
 def _quantizer_units(model: onnx.ModelProto) -> list[list[onnx.NodeProto]]:
@@ -49,17 +49,9 @@ def _quantizer_units(model: onnx.ModelProto) -> list[list[onnx.NodeProto]]:
     for node in model.graph.node:
         if node.domain == DOMAIN and node.op_type in SPLICED_OPS:
             units.append([node])
-        elif node.op_type == "Mul" and node.domain in ("", "ai.onnx"):
-            chain = [node]
-            while len(chain) < len(_UNIFORM_CHAIN):
-                source = producers.get(chain[-1].input[0])
-                if source is None or source.op_type != _UNIFORM_CHAIN[len(chain)]:
-                    break
-                chain.append(source)
-            params = [i for n in chain for i in n.input[1:] if i]
-            if (len(chain) == len(_UNIFORM_CHAIN) and chain[-1].input[1] == node.input[1]
-                    and all(i in scalars for i in params)):
-                units.append(chain[::-1])
+        elif (chain := uniform_chain(node, producers)) is not None and all(
+                i in scalars for n in chain for i in n.input[1:] if i):
+            units.append(chain)
     return units
 
 

@@ -18,8 +18,9 @@ from onnx.reference import ReferenceEvaluator
 
 from . import native
 from .errors import QConvertError
+from .export.graph import uniform_chain
 from .nchwc import spliced_session
-from .ops import DOMAIN, DOMAIN_VERSION, REFERENCE_OPS
+from .ops import DOMAIN, DOMAIN_VERSION, REFERENCE_OPS, adaptive_step
 
 RUNTIMES = ("native", "function", "reference")
 DECODE_OPS = ("LutGather", "Pow2Shift")
@@ -29,7 +30,9 @@ class Session:
     """One runtime behind one call: ``run(feeds, outputs=None) -> list of arrays``."""
 
     def __init__(self, model: onnx.ModelProto, runtime: str, threads: int = 0,
-                 fold_weights: bool = True, layout_splice: bool = True) -> None:
+                 fold_weights: bool = True, rewrite: bool = True) -> None:
+        """``rewrite`` (native): fuse LSQ quantizers into AdaptiveStep and run the
+        quantizers in ORT's NCHWc layout; outputs stay bit-identical."""
         self.runtime = runtime
         self.input_names = [i.name for i in model.graph.input]
         self.output_names = [o.name for o in model.graph.output]
@@ -39,8 +42,10 @@ class Session:
             return
         if runtime == "native" and fold_weights:
             model = fold_weight_decodes(model)
-        spliced = (spliced_session(model, lambda: _options(runtime, threads))
-                   if runtime == "native" and layout_splice else None)
+        rewrite = rewrite and runtime == "native"
+        if rewrite:
+            model = fuse_uniform_quantizers(model)
+        spliced = spliced_session(model, lambda: _options(runtime, threads)) if rewrite else None
         self.spliced = spliced is not None  # quantizers run in ORT's NCHWc layout
         self._impl = spliced or _ort_session(model, runtime, threads)
 
@@ -110,6 +115,73 @@ def fold_weight_decodes(model: onnx.ModelProto) -> onnx.ModelProto:
     folded.graph.node.extend(kept)
     folded.graph.initializer.extend(initializers)
     return folded
+
+
+def fuse_uniform_quantizers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Each exported LSQ quantizer (Div, Round, Clip, Mul: four passes over the tensor) as
+    one native AdaptiveStep with beta = 1 per sample: the same operations, since
+    ``s_a = step * 1`` is ``step`` exactly (docs/ops.md), in one pass. The ones take the
+    graph input's batch size, so only quantizers whose input has the same batch dimension
+    (by shape inference) are fused; the rest stay as they are."""
+    batch = _batch_dim(model.graph.input[0]) if len(model.graph.input) == 1 else None
+    if batch is None:
+        return model
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # a model shape inference rejects: the plain session reports it
+        return model
+    batch_of = {v.name: _batch_dim(v) for v in inferred.graph.value_info}
+    batch_of[model.graph.input[0].name] = batch
+    producers = {o: n for n in model.graph.node for o in n.output}
+    constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    ones = "qconvert_fused_beta"
+    fused: dict[int, onnx.NodeProto | None] = {}
+    for node in model.graph.node:
+        chain = uniform_chain(node, producers)
+        if chain is None or batch_of.get(chain[0].input[0]) != batch:
+            continue
+        div, _, clip, mul = chain
+        params = [constants.get(i) for i in (mul.input[1], *clip.input[1:3])]
+        if any(p is None or p.size != 1 for p in params):
+            continue
+        lo, hi = (float(p.reshape(())) for p in params[1:])
+        width = _code_width(lo, hi)
+        if width is None:
+            continue
+        fused.update({id(n): None for n in chain[:-1]})
+        fused[id(mul)] = onnx.helper.make_node(
+            "AdaptiveStep", [div.input[0], mul.input[1], ones], [mul.output[0]],
+            name=mul.name, domain=DOMAIN, bits=width[0], signed=int(width[1]))
+    if not fused:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    batch_size = f"{ones}_n"
+    del out.graph.node[:]
+    out.graph.node.extend([
+        onnx.helper.make_node("Shape", [model.graph.input[0].name], [batch_size], end=1),
+        onnx.helper.make_node("Expand", [f"{ones}_one", batch_size], [ones])])
+    out.graph.node.extend(fused.get(id(n), n) for n in model.graph.node
+                          if fused.get(id(n), n) is not None)
+    out.graph.initializer.append(numpy_helper.from_array(np.ones(1, np.float32), f"{ones}_one"))
+    return out
+
+
+def _batch_dim(value: onnx.ValueInfoProto) -> str | int | None:
+    shape = value.type.tensor_type.shape
+    if not value.type.tensor_type.HasField("shape") or not shape.dim:
+        return None
+    dim = shape.dim[0]
+    return dim.dim_param or (dim.dim_value if dim.HasField("dim_value") else None)
+
+
+def _code_width(lo: float, hi: float) -> tuple[int, bool] | None:
+    """(bits, signed) of the AdaptiveStep whose code range is [lo, hi], or None."""
+    for bits in range(2, 9):
+        for signed in (False, True):
+            if adaptive_step.code_range(bits, signed) == (lo, hi):
+                return bits, signed
+    return None
 
 
 def _missing_functions(model: onnx.ModelProto) -> list[str]:

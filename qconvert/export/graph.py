@@ -45,3 +45,28 @@ def scope_inputs(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> list[st
             if value and value not in produced and value not in constants and value not in seen:
                 seen.append(value)
     return seen
+
+
+UNIFORM_CHAIN = ("Div", "Round", "Clip", "Mul")
+
+
+def uniform_chain(mul: onnx.NodeProto,
+                  producers: dict[str, onnx.NodeProto]) -> list[onnx.NodeProto] | None:
+    """``[Div, Round, Clip, Mul]`` when ``mul`` ends an exported LSQ quantizer
+    ``Div(x, s) -> Round -> Clip(., lo, hi) -> Mul(., s)``, else None. Whether s, lo and hi
+    are constants is the caller's question."""
+    chain = [mul]
+    for op in reversed(UNIFORM_CHAIN):
+        node = chain[-1]
+        if node.op_type != op or node.domain not in ("", "ai.onnx"):
+            return None
+        if op != "Div":
+            source = producers.get(node.input[0])
+            if source is None:
+                return None
+            chain.append(source)
+    chain.reverse()
+    div, _, clip, _ = chain
+    if div.input[1] != mul.input[1] or len(clip.input) < 3 or not all(clip.input[1:3]):
+        return None
+    return chain

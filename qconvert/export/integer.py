@@ -69,6 +69,7 @@ from ..errors import QConvertError
 from ..ops import DOMAIN
 from ..ops.packing import unpack_codes_np
 from ..quant.pot import SQRT_HALF, magnitude_levels
+from .graph import uniform_chain
 
 MIN_OUTER_BITS, MAX_OUTER_BITS = 2, 8
 ZERO_POINT_SIGNED = 128
@@ -184,13 +185,11 @@ def _code_range(bits: int, signed: bool) -> tuple[int, int]:
 
 def _lsq_parts(g: _Graph, mul: onnx.NodeProto):
     """Div(x, s) -> Round -> Clip(lo, hi) -> Mul(., s): (x, s, lo, hi), or None."""
-    clip = g.producers.get(mul.input[0])
-    rnd = g.producers.get(clip.input[0]) if clip is not None and clip.op_type == "Clip" else None
-    div = g.producers.get(rnd.input[0]) if rnd is not None and rnd.op_type == "Round" else None
-    if div is None or div.op_type != "Div" or div.input[1] != mul.input[1]:
+    chain = uniform_chain(mul, g.producers)
+    if chain is None:
         return None
-    if mul.input[1] not in g.inits or len(clip.input) < 3 or not all(
-            i in g.inits for i in clip.input[1:3]):
+    div, _, clip, _ = chain
+    if mul.input[1] not in g.inits or not all(i in g.inits for i in clip.input[1:3]):
         return None
     step = g.array(mul.input[1]).reshape(-1)
     lo, hi = (float(g.array(i)) for i in clip.input[1:3])

@@ -1,5 +1,6 @@
-"""The NCHWc splice (qconvert.nchwc): quantizers moved into ORT's blocked layout must leave
-every output bit-identical to the plain native session, and must not hide errors."""
+"""Native-session graph rewrites: LSQ quantizers fused into AdaptiveStep
+(qconvert.runtime.fuse_uniform_quantizers) and the NCHWc splice (qconvert.nchwc). Both must
+leave every output bit-identical to the plain native session, and must not hide errors."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from qconvert.checkpoint import load_checkpoint
 from qconvert.export.onnx_export import build_onnx
 from qconvert.native import library_path
 from qconvert.nchwc import _placeholders
-from qconvert.runtime import Session, fold_weight_decodes
+from qconvert.runtime import Session, fold_weight_decodes, fuse_uniform_quantizers
 
 CHECKPOINTS = Path(__file__).resolve().parent.parent / "models" / "checkpoints"
 pytestmark = pytest.mark.skipif(library_path() is None, reason="native library not built")
@@ -33,7 +34,7 @@ def _resnet20(scheme: str):
 
 def _sessions(model: onnx.ModelProto) -> tuple[Session, Session]:
     return (Session(model, "native", threads=1),
-            Session(model, "native", threads=1, layout_splice=False))
+            Session(model, "native", threads=1, rewrite=False))
 
 
 @pytest.mark.parametrize("scheme", ["lcq-w4a4", "lsq-w4a4", "asq-lsq-w2a2"])
@@ -127,3 +128,22 @@ def test_only_scalar_lsq_chains_are_spliced(step_shape):
     spliced, plain = _sessions(model)
     assert spliced.spliced == (step_shape == ())
     np.testing.assert_array_equal(spliced.run({"x": x})[0], plain.run({"x": x})[0])
+
+
+def test_lsq_quantizers_fuse_into_one_native_op():
+    """ResNet-20 LSQ: the 21 quantizers in front of convolutions become AdaptiveStep with
+    beta = 1; the classifier's (after a Reshape: no batch dimension known to shape
+    inference) stays as Div/Round/Clip/Mul. Extreme inputs give the same bits."""
+    ckpt = _resnet20("lsq-w4a4")
+    model = fold_weight_decodes(build_onnx(ckpt)[0])
+    fused = fuse_uniform_quantizers(model)
+    ops = [n.op_type for n in fused.graph.node]
+    assert ops.count("AdaptiveStep") == 21 and ops.count("Round") == 1
+    first = next(n for n in fused.graph.node if n.op_type == "AdaptiveStep")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in first.attribute}
+    assert attrs == {"bits": 8, "signed": 1}  # the 8-bit signed input quantizer
+    x = np.random.default_rng(1).standard_normal((3, *ckpt.input.shape)).astype(np.float32)
+    x.reshape(-1)[:6] = [np.nan, np.inf, -np.inf, 1e30, -1e30, 1e-45]
+    fast, plain = _sessions(build_onnx(ckpt)[0])
+    got, want = fast.run({"input": x})[0], plain.run({"input": x})[0]
+    np.testing.assert_array_equal(got, want)
