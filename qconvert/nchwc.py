@@ -29,7 +29,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from .export.graph import uniform_chain
+from .export.graph import uniform_chain, with_nodes_replaced
 from .ops import DOMAIN
 
 SPLICED_OPS = ("CompandQuant", "AdaptiveStep")
@@ -81,11 +81,7 @@ def _placeholders(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, li
         replaced.update({id(n): None for n in unit})
         replaced[id(unit[-1])] = helper.make_node("MaxPool", [source], [result], name=name,
                                                   kernel_shape=[1, 1], **_VARIANTS[variant])
-    stand_in = onnx.ModelProto()
-    stand_in.CopyFrom(model)
-    del stand_in.graph.node[:]
-    stand_in.graph.node.extend(replaced.get(id(n), n) for n in model.graph.node
-                               if replaced.get(id(n), n) is not None)
+    stand_in = with_nodes_replaced(model, replaced)
     # Computed parameters (AdaptiveStep's per-sample beta from its adapter) lose their
     # reader while the stand-in is there: graph outputs keep ORT from pruning them.
     produced = {o for n in model.graph.node for o in n.output}

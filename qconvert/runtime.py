@@ -18,7 +18,7 @@ from onnx.reference import ReferenceEvaluator
 
 from . import native
 from .errors import QConvertError
-from .export.graph import uniform_chain
+from .export.graph import uniform_chain, with_nodes_replaced
 from .nchwc import spliced_session
 from .ops import DOMAIN, DOMAIN_VERSION, REFERENCE_OPS, adaptive_step
 
@@ -154,15 +154,10 @@ def fuse_uniform_quantizers(model: onnx.ModelProto) -> onnx.ModelProto:
             name=mul.name, domain=DOMAIN, bits=width[0], signed=int(width[1]))
     if not fused:
         return model
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
     batch_size = f"{ones}_n"
-    del out.graph.node[:]
-    out.graph.node.extend([
+    out = with_nodes_replaced(model, fused, prepend=(
         onnx.helper.make_node("Shape", [model.graph.input[0].name], [batch_size], end=1),
-        onnx.helper.make_node("Expand", [f"{ones}_one", batch_size], [ones])])
-    out.graph.node.extend(fused.get(id(n), n) for n in model.graph.node
-                          if fused.get(id(n), n) is not None)
+        onnx.helper.make_node("Expand", [f"{ones}_one", batch_size], [ones])))
     out.graph.initializer.append(numpy_helper.from_array(np.ones(1, np.float32), f"{ones}_one"))
     return out
 

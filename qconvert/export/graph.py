@@ -70,3 +70,16 @@ def uniform_chain(mul: onnx.NodeProto,
     if div.input[1] != mul.input[1] or len(clip.input) < 3 or not all(clip.input[1:3]):
         return None
     return chain
+
+
+def with_nodes_replaced(model: onnx.ModelProto, replaced: dict[int, onnx.NodeProto | None],
+                        prepend: tuple[onnx.NodeProto, ...] = ()) -> onnx.ModelProto:
+    """A copy of ``model`` in which each node whose ``id`` is in ``replaced`` is swapped for
+    its new node, or dropped where that is None; ``prepend`` goes first."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(prepend)
+    out.graph.node.extend(new for n in model.graph.node
+                          if (new := replaced.get(id(n), n)) is not None)
+    return out
