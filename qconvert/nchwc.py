@@ -116,8 +116,8 @@ def _restore(optimized: onnx.ModelProto, original: onnx.ModelProto,
         return None
     del optimized.graph.node[:]
     optimized.graph.node.extend(nodes)
-    wanted_outputs = [o for o in optimized.graph.output
-                      if o.name in {o.name for o in original.graph.output}]
+    original_outputs = {o.name for o in original.graph.output}
+    wanted_outputs = [o for o in optimized.graph.output if o.name in original_outputs]
     del optimized.graph.output[:]
     optimized.graph.output.extend(wanted_outputs)
     present = {i.name for i in optimized.graph.initializer}

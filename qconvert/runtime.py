@@ -145,7 +145,7 @@ def fuse_uniform_quantizers(model: onnx.ModelProto) -> onnx.ModelProto:
         if any(p is None or p.size != 1 for p in params):
             continue
         lo, hi = (float(p.reshape(())) for p in params[1:])
-        width = _code_width(lo, hi)
+        width = adaptive_step.width_of_range(lo, hi)
         if width is None:
             continue
         fused.update({id(n): None for n in chain[:-1]})
@@ -168,15 +168,6 @@ def _batch_dim(value: onnx.ValueInfoProto) -> str | int | None:
         return None
     dim = shape.dim[0]
     return dim.dim_param or (dim.dim_value if dim.HasField("dim_value") else None)
-
-
-def _code_width(lo: float, hi: float) -> tuple[int, bool] | None:
-    """(bits, signed) of the AdaptiveStep whose code range is [lo, hi], or None."""
-    for bits in range(2, 9):
-        for signed in (False, True):
-            if adaptive_step.code_range(bits, signed) == (lo, hi):
-                return bits, signed
-    return None
 
 
 def _missing_functions(model: onnx.ModelProto) -> list[str]:

@@ -67,6 +67,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import QConvertError
 from ..ops import DOMAIN
+from ..ops.adaptive_step import code_range, width_of_range
 from ..ops.packing import unpack_codes_np
 from ..quant.pot import SQRT_HALF, magnitude_levels
 from .graph import uniform_chain
@@ -176,10 +177,6 @@ def _metadata(model: onnx.ModelProto) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
-def _code_range(bits: int, signed: bool) -> tuple[int, int]:
-    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
-
-
 # ---------------------------------------------------------------- activations
 
 
@@ -199,11 +196,10 @@ def _lsq_parts(g: _Graph, mul: onnx.NodeProto):
 
 
 def _bits_of_range(lo: int, hi: int) -> tuple[int, bool]:
-    signed = lo < 0
-    bits = int(math.log2(-lo)) + 1 if signed else int(math.log2(hi + 1))
-    if _code_range(bits, signed) != (lo, hi):
+    width = width_of_range(lo, hi)
+    if width is None:
         raise QConvertError(f"integer rewrite: clip range [{lo}, {hi}] is not a b-bit range")
-    return bits, signed
+    return width
 
 
 def _uniform_target(bits: int, signed: bool, outer: int,
@@ -213,9 +209,9 @@ def _uniform_target(bits: int, signed: bool, outer: int,
     ``sqrt`` takes the step LSQ's init rule (s0 = 2 mean|x| / sqrt(Qp)) gives at b' bits
     relative to b bits, ratio sqrt(Qp_b / Qp_b'), and clips the tail."""
     if bits <= outer:
-        return 1.0, _code_range(bits, signed), True
+        return 1.0, code_range(bits, signed), True
     ratio = ((1 << bits) - 1) / ((1 << outer) - 1)
-    return (math.sqrt(ratio) if wide == "sqrt" else ratio), _code_range(outer, signed), False
+    return (math.sqrt(ratio) if wide == "sqrt" else ratio), code_range(outer, signed), False
 
 
 def _clip_u8(g: _Graph, before, scope: str, value: str, int_range, zero_point: int) -> str:
@@ -320,7 +316,7 @@ def _best_steps(values: np.ndarray, outer: int) -> tuple[np.ndarray, np.ndarray]
     """Per row of ``values`` [G, n]: the step m / K with the least squared re-quantization
     error (integers clipped to the signed b'-bit range; K = 1 .. 2^(b'-1)). A search that also
     clips the largest weights (K up to 4 * 2^(b'-1)) was tried: it did not help."""
-    lo, hi = _code_range(outer, True)
+    lo, hi = code_range(outer, True)
     m = np.abs(values).max(axis=1)
     m = np.where(m > 0, m, np.float32(1))
     best = np.full(len(values), np.inf)
@@ -370,7 +366,7 @@ def _int_weight(g: _Graph, node: onnx.NodeProto, before, scope: str, outer: int,
     table, codes, bits, shape = _decode_table(g, node)
     rows, channel, used = _by_row(table, codes)
     steps, _ = _best_steps(used, outer)
-    lo, hi = _code_range(outer, True)
+    lo, hi = code_range(outer, True)
     ints = np.clip(np.round(rows / steps[:, None]), lo, hi)
     rebuilt = ints[channel, codes].reshape(used.shape) * steps[:, None].astype(np.float64)
     ints = ints if table.ndim == 2 else ints[0]
@@ -390,7 +386,7 @@ def _post_weight(g: _Graph, node: onnx.NodeProto, before, scope: str, outer: int
     sign = np.where(pattern >> (bits - 1), -1.0, 1.0)
     shift = outer - 2
     power = sign * np.ldexp(1.0, shift - exponent // 2)  # 2^-j on the grid 2^-shift
-    lo, hi = _code_range(outer, True)
+    lo, hi = code_range(outer, True)
     even, odd = (np.clip(np.round(np.where((magnitude_code > 0) & (exponent % 2 == parity),
                                            power, 0.0)), lo, hi) for parity in (0, 1))
     steps = np.ldexp(alpha, -shift).astype(np.float32)  # exact: a power-of-two scaling

@@ -28,6 +28,15 @@ def code_range(bits: int, signed: int) -> tuple[int, int]:
     return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
 
 
+def width_of_range(lo: float, hi: float) -> tuple[int, bool] | None:
+    """(bits, signed) whose code range is exactly [lo, hi], bits 2..8; else None."""
+    for bits in range(2, 9):
+        for signed in (False, True):
+            if code_range(bits, signed) == (lo, hi):
+                return bits, signed
+    return None
+
+
 def reference(x, step, beta, *, bits: int, signed: int) -> np.ndarray:
     x = np.asarray(x, np.float32)
     lo, hi = code_range(bits, signed)
