@@ -73,7 +73,7 @@ def export(checkpoint: Path, out: Path, opset: int, no_functions: bool, force: b
            allow_pickle: bool) -> None:
     """Export CHECKPOINT to an ONNX model with qconvert ops and packed low-bit weights."""
     from .checkpoint import load_checkpoint
-    from .export.onnx_export import build_onnx, check_output_path, write_atomically
+    from .export.onnx_export import check_output_path, export_checkpoint
     from .inspect_model import inspect_model
 
     check_output_path(out, force)
@@ -82,15 +82,14 @@ def export(checkpoint: Path, out: Path, opset: int, no_functions: bool, force: b
     started = time.perf_counter()
     ckpt = load_checkpoint(checkpoint, allow_pickle=allow_pickle)
     count = sum(1 for _ in ckpt.layer_specs)
+    integer = _outer_bits(ckpt, outer_bits, calib, min_agreement) if mode == "integer" else None
     with click.progressbar(length=count, label="folding layers", file=sys.stderr) as bar:
-        model, layers = build_onnx(ckpt, opset, not no_functions, lambda _: bar.update(1))
-    if mode == "integer":
-        model = _to_integer(model, ckpt, outer_bits, calib, min_agreement)
-    write_atomically(model, out, force)
+        result = export_checkpoint(ckpt, out, opset, not no_functions, force, integer,
+                                   progress=lambda _: bar.update(1))
     seconds = time.perf_counter() - started
     info = inspect_model(out)
     click.echo(f"{'layer':<28} {'weight':<10} {'act':<10} {'params':>8}")
-    for layer in layers:
+    for layer in result.layers:
         click.echo(f"{layer.name:<28} {layer.weight_kind + ' ' + str(layer.weight_bits):<10} "
                    f"{layer.act_kind + ' ' + str(layer.act_bits):<10} {layer.params:>8}")
     ops = ", ".join(f"{k} x{v}" for k, v in sorted(info.custom_ops.items())) or "none"
@@ -101,27 +100,31 @@ def export(checkpoint: Path, out: Path, opset: int, no_functions: bool, force: b
                f"({_human(info.fp32_bytes)}); {seconds:.1f} s")
 
 
-def _to_integer(model, ckpt, outer_bits: str, calib: Path | None, min_agreement: float):
-    from . import calib as calib_data
-    from .export.integer import choose_outer_bits, to_integer
-    from .runtime import session
-
-    if outer_bits == "auto":
-        data = calib_data.load_calibration(calib, ckpt.input.shape)
-        bits, agreements = choose_outer_bits(model, ckpt, data, min_agreement,
-                                             make_session=lambda m: session(m, announce=None))
-        tried = ", ".join(f"b'={b}: {a:.2%}" for b, a in sorted(agreements.items()))
-        click.echo(f"outer bits auto: {tried} -> b'={bits}")
-    else:
+def _outer_bits(ckpt, outer_bits: str, calib: Path | None, min_agreement: float):
+    """Integer mode's b': a number, or (``auto``) a function that measures it on the
+    exact-mode model."""
+    if outer_bits != "auto":
         try:
             bits = int(outer_bits)
         except ValueError:
             raise QConvertError(
                 f"--outer-bits must be 2..8 or 'auto', got {outer_bits!r}") from None
-    if not 2 <= bits <= 8:
-        raise QConvertError(f"--outer-bits {bits} is outside 2..8 (ConvInteger and "
-                            "MatMulInteger take 8-bit operands)")
-    return to_integer(model, bits)
+        if not 2 <= bits <= 8:
+            raise QConvertError(f"--outer-bits {bits} is outside 2..8 (ConvInteger and "
+                                "MatMulInteger take 8-bit operands)")
+        return bits
+    from . import calib as calib_data
+    from .integer_search import choose_outer_bits
+
+    data = calib_data.load_calibration(calib, ckpt.input.shape)
+
+    def measure(exact_model) -> int:
+        bits, agreements = choose_outer_bits(exact_model, ckpt, data, min_agreement)
+        tried = ", ".join(f"b'={b}: {a:.2%}" for b, a in sorted(agreements.items()))
+        click.echo(f"outer bits auto: {tried} -> b'={bits}")
+        return bits
+
+    return measure
 
 
 @main.command()
@@ -152,6 +155,7 @@ def validate(checkpoint: Path, model: Path, calib: Path | None, synthetic: int |
              plot: Path | None, strict: bool, allow_pickle: bool) -> None:
     """Check MODEL against CHECKPOINT on calibration data; exit 1 when parity fails."""
     from . import calib as calib_data
+    from . import manifest
     from . import validate as val
     from .checkpoint import load_checkpoint
     from .runtime import default_runtime, load_model, session
@@ -168,11 +172,11 @@ def validate(checkpoint: Path, model: Path, calib: Path | None, synthetic: int |
             else calib_data.load_calibration(calib, ckpt.input.shape))
     runtime = runtime or default_runtime()
     click.echo(f"runtime: {runtime}; data: {data.source}, {len(data.x)} samples")
-    meta = {p.key: p.value for p in onnx_model.metadata_props}
-    if meta.get("qconvert_mode") == "integer" and max_abs_diff is None:
+    man = manifest.read(onnx_model)
+    if man.mode == "integer" and max_abs_diff is None:
         # Integer mode re-quantizes on purpose: judge it on agreement, not on output bits.
         max_abs_diff = math.inf
-        click.echo(f"integer model (b'={meta.get('qconvert_outer_bits')}): judged on top-1 "
+        click.echo(f"integer model (b'={man.outer_bits}): judged on top-1 "
                    "agreement; give --max-abs-diff to bound the outputs too")
     with click.progressbar(length=len(data.x), label="validating", file=sys.stderr) as bar:
         result = val.validate(ckpt, onnx_model, data,
@@ -213,9 +217,16 @@ def _db(value, layer) -> str:
     return f"{value:.1f}"
 
 
+def _write_report(path: Path, text: str) -> None:
+    if not path.parent.is_dir():
+        raise QConvertError(f"{path.parent}: no such directory for {path.name}")
+    path.write_text(text)
+
+
 def _check_provenance(ckpt, onnx_model, model_path: Path, strict: bool) -> None:
-    meta = {p.key: p.value for p in onnx_model.metadata_props}
-    recorded = meta.get("qconvert_checkpoint_sha256")
+    from . import manifest
+
+    recorded = manifest.read(onnx_model).checkpoint_sha256
     if recorded and recorded != ckpt.sha256:
         message = (f"{model_path} was exported from a different checkpoint "
                    f"(sha256 {recorded[:12]}..., this one {ckpt.sha256[:12]}...)")
@@ -256,15 +267,18 @@ def _print_report(r) -> None:
 
 @main.command("inspect")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option("--report", type=click.Path(path_type=Path), help="Also write it as JSON.")
 @_errors_to_exit_codes
-def inspect_command(model: Path, as_json: bool) -> None:
+def inspect_command(model: Path, as_json: bool, report: Path | None) -> None:
     """Ops, bits, storage and compute of an exported MODEL."""
     from .inspect_model import inspect_model
     from .runtime import load_model
 
     load_model(model)  # a clear error for a missing or unreadable file
-    info = inspect_model(model)
+    info = inspect_model(model, macs=True)
+    if report:
+        _write_report(report, info.to_json())
     if as_json:
         click.echo(info.to_json())
         return
