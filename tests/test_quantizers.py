@@ -1,4 +1,4 @@
-"""Quantizers against the closed forms of the reference (docs: shared/reference/quantizers.md).
+"""Quantizers against the closed forms in docs/quantizers.md.
 
 Every expectation here is computed in the test itself, with numpy / python floats
 (or plain torch arithmetic), never with the helpers of the code under test.
