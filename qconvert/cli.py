@@ -282,10 +282,10 @@ def inspect_command(model: Path, as_json: bool, report: Path | None) -> None:
     if as_json:
         click.echo(info.to_json())
         return
-    click.echo(f"{'weight':<34} {'op':<10} {'bits':>4} {'params':>8} {'codes':>9} "
+    click.echo(f"{'layer':<34} {'op':<10} {'bits':>4} {'params':>8} {'codes':>9} "
                f"{'table':>7} {'MACs':>10}")
     for layer in info.layers:
-        click.echo(f"{layer.weight:<34} {layer.op:<10} {layer.bits:>4} {layer.params:>8} "
+        click.echo(f"{layer.layer:<34} {layer.op:<10} {layer.bits:>4} {layer.params:>8} "
                    f"{layer.code_bytes:>9} {layer.table_bytes:>7} {layer.macs:>10}")
     click.echo(f"qconvert ops: {info.custom_ops}")
     click.echo(f"file {info.file_bytes} B = {info.file_bytes / info.ideal_bytes:.3f}x ideal "
