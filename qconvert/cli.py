@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
 import sys
 import time
@@ -67,16 +68,20 @@ def _human(n: float) -> str:
 @click.option("--allow-pickle", is_flag=True,
               help="Also load checkpoints holding pickled objects. Unpickling RUNS CODE from "
                    "the file: only for files you trust.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@click.option("--report", type=click.Path(path_type=Path), help="Also write it as JSON.")
 @_errors_to_exit_codes
 def export(checkpoint: Path, out: Path, opset: int, no_functions: bool, force: bool,
            mode: str, outer_bits: str, calib: Path | None, min_agreement: float,
-           allow_pickle: bool) -> None:
+           allow_pickle: bool, as_json: bool, report: Path | None) -> None:
     """Export CHECKPOINT to an ONNX model with qconvert ops and packed low-bit weights."""
     from .checkpoint import load_checkpoint
     from .export.onnx_export import check_output_path, export_checkpoint
     from .inspect_model import inspect_model
 
     check_output_path(out, force)
+    if report is not None and not report.parent.is_dir():
+        raise QConvertError(f"{report.parent}: no such directory for {report.name}")
     if mode == "integer" and outer_bits == "auto" and calib is None:
         raise QConvertError("--outer-bits auto needs --calib DATA to measure agreement on")
     started = time.perf_counter()
@@ -86,18 +91,35 @@ def export(checkpoint: Path, out: Path, opset: int, no_functions: bool, force: b
     with click.progressbar(length=count, label="folding layers", file=sys.stderr) as bar:
         result = export_checkpoint(ckpt, out, opset, not no_functions, force, integer,
                                    progress=lambda _: bar.update(1))
-    seconds = time.perf_counter() - started
-    info = inspect_model(out)
+    summary = _export_summary(result, inspect_model(out), time.perf_counter() - started)
+    if report:
+        _write_report(report, json.dumps(summary, indent=2))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
     click.echo(f"{'layer':<28} {'weight':<10} {'act':<10} {'params':>8}")
-    for layer in result.layers:
-        click.echo(f"{layer.name:<28} {layer.weight_kind + ' ' + str(layer.weight_bits):<10} "
-                   f"{layer.act_kind + ' ' + str(layer.act_bits):<10} {layer.params:>8}")
-    ops = ", ".join(f"{k} x{v}" for k, v in sorted(info.custom_ops.items())) or "none"
+    for layer in summary["layers"]:
+        click.echo(f"{layer['name']:<28} {layer['weight']:<10} {layer['act']:<10} "
+                   f"{layer['params']:>8}")
+    ops = ", ".join(f"{k} x{v}" for k, v in sorted(summary["qconvert_ops"].items())) or "none"
     click.echo(f"qconvert ops: {ops}")
-    click.echo(f"wrote {out}: {_human(info.file_bytes)} = "
-               f"{info.file_bytes / info.ideal_bytes:.2f}x ideal packed "
-               f"({_human(info.ideal_bytes)}), {info.file_bytes / info.fp32_bytes:.3f}x FP32 "
-               f"({_human(info.fp32_bytes)}); {seconds:.1f} s")
+    click.echo(f"wrote {out}: {_human(summary['file_bytes'])} = "
+               f"{summary['size_vs_ideal']:.2f}x ideal packed "
+               f"({_human(summary['ideal_bytes'])}), {summary['size_vs_fp32']:.3f}x FP32 "
+               f"({_human(summary['fp32_bytes'])}); {summary['seconds']:.1f} s")
+
+
+def _export_summary(result, info, seconds: float) -> dict:
+    return {
+        "path": str(result.path),
+        "layers": [{"name": layer.name, "weight": f"{layer.weight_kind} {layer.weight_bits}",
+                    "act": f"{layer.act_kind} {layer.act_bits}", "params": layer.params}
+                   for layer in result.layers],
+        "qconvert_ops": info.custom_ops,
+        "file_bytes": info.file_bytes, "ideal_bytes": info.ideal_bytes,
+        "fp32_bytes": info.fp32_bytes, "size_vs_ideal": info.file_bytes / info.ideal_bytes,
+        "size_vs_fp32": info.file_bytes / info.fp32_bytes, "seconds": seconds,
+    }
 
 
 def _outer_bits(ckpt, outer_bits: str, calib: Path | None, min_agreement: float):

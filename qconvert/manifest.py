@@ -18,7 +18,7 @@ Readers call :func:`read`; nothing outside this module parses value names or met
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 
 import onnx
 
@@ -122,13 +122,26 @@ class Manifest:
             Key.ARCH: self.arch,
             Key.CHECKPOINT_SHA256: self.checkpoint_sha256,
             Key.INPUT: json.dumps(self.input),
-            Key.LAYERS: json.dumps([asdict(r) for r in self.layers], separators=(",", ":")),
+            Key.LAYERS: json.dumps([_without_defaults(r) for r in self.layers],
+                                   separators=(",", ":")),
         }
         if self.mode != "exact":
             meta[Key.MODE] = self.mode
             meta[Key.OUTER_BITS] = str(self.outer_bits)
             meta[Key.INTEGER] = json.dumps(self.integer, separators=(",", ":"))
         return meta
+
+
+def _without_defaults(record) -> dict:
+    """A record as a dict without the fields that hold their default (empty lists, unset
+    values): small models carry one record per layer, and file size is part of the product."""
+    out = {}
+    for f in fields(record):
+        value = getattr(record, f.name)
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if value != default:
+            out[f.name] = _without_defaults(value) if is_dataclass(value) else value
+    return out
 
 
 def write(model: onnx.ModelProto, manifest: Manifest) -> None:
