@@ -148,7 +148,7 @@ def test_lsq_activations_are_one_uniform_quant_op(zoo):
         step = layer.act_quant.step.detach().numpy()
         assert any(i in inits and np.array_equal(inits[i].reshape(-1), step)
                    for i in nodes[0].input)
-    assert {n.op_type for n in custom_nodes(model)} == {"LutGather"}
+    assert {n.op_type for n in custom_nodes(model)} == {"UniformQuant", "LutGather"}
 
 
 @pytest.mark.parametrize("key", ALL_KEYS)

@@ -224,9 +224,8 @@ def _emulate(case: Trained, layer: str, outer: int) -> tuple[np.ndarray, np.ndar
         x_name, feed_names = act.input[0], [act.input[0]]
     elif act.op_type == "AdaptiveStep":
         x_name, feed_names = act.input[0], [act.input[0], act.input[2]]
-    else:  # Mul <- Clip <- Round <- Div(x, s)
-        div = producers[producers[producers[act.input[0]].input[0]].input[0]]
-        x_name, feed_names = div.input[0], [div.input[0]]
+    else:  # UniformQuant(x, s)
+        x_name, feed_names = act.input[0], [act.input[0]]
     out_name = compute.output[0]
     probe = with_extra_outputs(model, [n for n in feed_names + [out_name]
                                        if n not in {o.name for o in model.graph.output}])
@@ -252,8 +251,9 @@ def _emulate(case: Trained, layer: str, outer: int) -> tuple[np.ndarray, np.ndar
         delta_a = s_a.reshape(-1, *[1] * (x.ndim - 1))
         codes = np.clip(np.round(x / delta_a), lo, hi)
     else:
-        clip = producers[act.input[0]]
-        lo, hi = (int(inits[i]) for i in clip.input[1:3])
+        a_attrs = _attrs(act)
+        lo, hi = ((-(1 << (a_attrs["bits"] - 1)), (1 << (a_attrs["bits"] - 1)) - 1)
+                  if a_attrs["signed"] else (0, (1 << a_attrs["bits"]) - 1))
         delta_a = np.float32(inits[act.input[1]].reshape(()))
         codes = np.clip(np.round(x / delta_a), lo, hi)
     assert detail["act"]["exact"] or act.op_type == "CompandQuant"

@@ -68,8 +68,8 @@ def test_spliced_session_is_bit_identical(scheme):
 
 
 def test_every_conv_quantizer_gets_a_distinct_stand_in():
-    """ResNet-20 LCQ: 20 CompandQuant and the first layer's 8-bit LSQ (Div, Round, Clip,
-    Mul) feed convolutions (the classifier's LSQ feeds a Gemm); a downsampling block
+    """ResNet-20 LCQ: 20 CompandQuant and the first layer's 8-bit UniformQuant feed
+    convolutions (the classifier's UniformQuant feeds a Gemm); a downsampling block
     quantizes its input twice (conv1 and the shortcut), which must not collapse into one."""
     model = fold_weight_decodes(build_onnx(_resnet20("lcq-w4a4"))[0])
     quantizers = [n for n in model.graph.node if n.op_type == "CompandQuant"]
@@ -83,7 +83,7 @@ def test_every_conv_quantizer_gets_a_distinct_stand_in():
     shared = [v for v in by_input.values() if len(v) > 1]
     assert shared and all(len({repr(a) for a in v}) == len(v) for v in shared)
     left = {n.op_type for n in stand_in.graph.node}
-    assert "CompandQuant" not in left and "Round" in left  # the classifier's LSQ stays
+    assert "CompandQuant" not in left and "UniformQuant" in left  # the classifier's stays
 
 
 def test_quantizer_before_a_linear_layer_is_not_spliced():
