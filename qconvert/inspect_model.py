@@ -13,6 +13,7 @@ import onnx
 from onnx import numpy_helper
 
 from .export.onnx_export import INPUT_NAME
+from .export.weight_decode import is_weight_decode
 from .ops import DOMAIN
 
 DECODE_OPS = {"LutGather": "table", "Pow2Shift": "alpha"}
@@ -112,7 +113,7 @@ def inspect_model(path: str | Path) -> Inspection:
     by_codes: dict[str, LayerStorage] = {}  # integer-mode POST decodes its codes twice
     by_weight: dict[str, LayerStorage] = {}
     for node in model.graph.node:
-        if node.domain == DOMAIN and node.op_type in DECODE_OPS:
+        if is_weight_decode(node):
             table_bytes = _initializer_bytes(inits[node.input[1]])
             if node.input[0] in by_codes:
                 layer = by_codes[node.input[0]]

@@ -71,11 +71,11 @@ from ..ops.adaptive_step import code_range, width_of_range
 from ..ops.packing import unpack_codes_np
 from ..quant.pot import SQRT_HALF, magnitude_levels
 from .graph import uniform_chain
+from .weight_decode import fold_constant_decodes, is_weight_decode
 
 MIN_OUTER_BITS, MAX_OUTER_BITS = 2, 8
 ZERO_POINT_SIGNED = 128
 MODE_KEY, OUTER_BITS_KEY, DETAIL_KEY = "qconvert_mode", "qconvert_outer_bits", "qconvert_integer"
-DECODE_OPS = ("LutGather", "Pow2Shift")
 WIDE_ACT_STEPS = ("sqrt", "range")
 
 
@@ -512,7 +512,7 @@ def to_integer(model: onnx.ModelProto, outer_bits: int, *,
         if node.op_type not in ("Conv", "Gemm") or node.domain not in ("", "ai.onnx"):
             continue
         decode = g.producers.get(node.input[1])
-        if decode is None or decode.domain != DOMAIN or decode.op_type not in DECODE_OPS \
+        if decode is None or not is_weight_decode(decode) \
                 or not all(i in g.inits for i in decode.input):
             continue  # a float layer (e.g. an ASQ adapter)
         layers[_layer_name(node, decode)] = _rewrite_layer(g, node, decode, outer, acts,
@@ -528,6 +528,7 @@ def to_integer(model: onnx.ModelProto, outer_bits: int, *,
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     _prune(out)
+    fold_constant_decodes(out)  # the integer weights, too, fold at load
     _update_metadata(out, outer, layers)
     try:
         onnx.checker.check_model(out, full_check=True)

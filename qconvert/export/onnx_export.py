@@ -22,6 +22,7 @@ from ..errors import QConvertError
 from ..ops import DOMAIN, MAX_OPSET, MIN_OPSET, OPS, functions, translation_table
 from .deploy import DeployedLayer, to_deploy
 from .graph import layer_scope_outputs, scope_nodes
+from .weight_decode import fold_constant_decodes
 
 INPUT_NAME, OUTPUT_NAME = "input", "output"
 ACT_SUFFIX, OUT_SUFFIX = "act_q", "out"
@@ -163,6 +164,7 @@ def build_onnx(ckpt: Checkpoint, opset: int = 20, with_functions: bool = True,
         node.name = f"n{index}"
     records = _layer_records(model, layers, values)  # reads scopes: before stripping them
     _strip_exporter_annotations(model)
+    fold_constant_decodes(model)  # constant weights: standard ONNX that runtimes fold at load
     if with_functions:
         model.functions.extend(functions(opset, used_ops(model)))
     for key, value in _metadata(ckpt, records).items():
