@@ -9,6 +9,7 @@ it into ``custom_ops/build`` (with the C++ runner and the sanitizer variant).
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,8 @@ def _package_library() -> Path | None:
     keeps the compiled library in site-packages and the Python files in the
     source tree, and lists both there.
     """
-    import qconvert
-
-    for entry in getattr(qconvert, "__path__", [str(_PACKAGE_DIR)]):
+    package = sys.modules.get(__package__ or "")
+    for entry in getattr(package, "__path__", [str(_PACKAGE_DIR)]):
         path = Path(entry) / _LIB_NAME
         if path.is_file():
             return path

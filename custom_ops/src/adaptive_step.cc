@@ -1,8 +1,16 @@
 // AdaptiveStep: the ASQ activation quantizer (docs/ops.md, "AdaptiveStep").
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <string>
+#include <vector>
 
-#include "common.h"
+#include "attributes.h"
+#include "cpu.h"
+#include "inputs.h"
+#include "op_shell.h"
+#include "ops.h"
+#include "parallel.h"
 
 namespace qconvert {
 namespace {

@@ -1,5 +1,10 @@
 // LutGather: table decode of packed codes (docs/ops.md, "LutGather").
-#include "common.h"
+#include <array>
+#include <string>
+
+#include "decode_kernel.h"
+#include "ops.h"
+#include "packed_codes.h"
 
 namespace qconvert {
 namespace {

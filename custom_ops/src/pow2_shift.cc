@@ -1,7 +1,13 @@
 // Pow2Shift: POT / POST weight decode (docs/ops.md, "Pow2Shift").
+#include <array>
 #include <cmath>
+#include <string>
+#include <vector>
 
-#include "common.h"
+#include "attributes.h"
+#include "decode_kernel.h"
+#include "ops.h"
+#include "packed_codes.h"
 
 namespace qconvert {
 namespace {

@@ -2,7 +2,8 @@
 // SessionOptions.register_custom_ops_library / RegisterCustomOpsLibrary.
 #include <string>
 
-#include "common.h"
+#include "errors.h"
+#include "ops.h"
 
 namespace {
 

@@ -1,0 +1,13 @@
+// The qconvert ops, defined one per source file, registered by register.cc.
+#pragma once
+
+#include <onnxruntime_cxx_api.h>
+
+namespace qconvert {
+
+const OrtCustomOp* CompandQuantOp();
+const OrtCustomOp* AdaptiveStepOp();
+const OrtCustomOp* LutGatherOp();
+const OrtCustomOp* Pow2ShiftOp();
+
+}  // namespace qconvert
