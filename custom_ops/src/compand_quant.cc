@@ -150,6 +150,7 @@ constexpr size_t kCompandChunk = size_t{1} << 16;
 class CompandQuantKernel : public KernelBase {
  public:
   static constexpr const char* kName = "CompandQuant";
+  static constexpr int kSinceVersion = 1;
   static constexpr std::array<ONNXTensorElementDataType, 5> kInputTypes = {
       ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
       ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,

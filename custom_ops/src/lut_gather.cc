@@ -12,6 +12,7 @@ namespace {
 class LutGatherKernel : public DecodeKernel {
  public:
   static constexpr const char* kName = "LutGather";
+  static constexpr int kSinceVersion = 1;
   static constexpr std::array<ONNXTensorElementDataType, 2> kInputTypes = {
       ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
 

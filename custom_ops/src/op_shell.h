@@ -11,7 +11,7 @@
 namespace qconvert {
 
 // Turns a kernel class K into an ORT custom op. K provides kName,
-// kInputTypes (a std::array), a constructor K(const OrtKernelInfo*, NodeRef)
+// kSinceVersion (the op-set version that added the op), kInputTypes (a std::array), a constructor K(const OrtKernelInfo*, NodeRef)
 // that checks attributes, and Compute(const Ort::KernelContext&).
 //
 // Built on Ort::CustomOpBase with WithStatus=true (CreateKernelV2 and
@@ -25,8 +25,22 @@ struct StatusKernel : K {
   }
 };
 
+// The newest version of the `qconvert` op set the library serves (version 2
+// added UniformQuant; qconvert.ops.DOMAIN_VERSION on the Python side). ORT's
+// CustomOpBase gives every op the range [1, 2^31 - 1] unless told otherwise;
+// each op here states [K::kSinceVersion, kDomainVersion] instead. ORT binds a
+// node through the op's schema (since-version <= the model's import), so
+// models importing version 1 or 2 run these kernels (tests/test_native_ops.py
+// checks both); raise this with the Python op set.
+constexpr int kDomainVersion = 2;
+
 template <class K>
 struct KernelOp : Ort::CustomOpBase<KernelOp<K>, StatusKernel<K>, /*WithStatus=*/true> {
+  KernelOp() {
+    this->start_ver_ = K::kSinceVersion;
+    this->end_ver_ = kDomainVersion;
+  }
+
   const char* GetName() const { return K::kName; }
   size_t GetInputTypeCount() const { return K::kInputTypes.size(); }
   ONNXTensorElementDataType GetInputType(size_t i) const { return K::kInputTypes[i]; }

@@ -9,5 +9,6 @@ const OrtCustomOp* CompandQuantOp();
 const OrtCustomOp* AdaptiveStepOp();
 const OrtCustomOp* LutGatherOp();
 const OrtCustomOp* Pow2ShiftOp();
+const OrtCustomOp* UniformQuantOp();
 
 }  // namespace qconvert

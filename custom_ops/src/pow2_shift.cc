@@ -29,6 +29,7 @@ std::vector<float> MagnitudeTable(int bits, int root) {
 class Pow2ShiftKernel : public DecodeKernel {
  public:
   static constexpr const char* kName = "Pow2Shift";
+  static constexpr int kSinceVersion = 1;
   static constexpr std::array<ONNXTensorElementDataType, 2> kInputTypes = {
       ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
 

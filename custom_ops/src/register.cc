@@ -16,6 +16,7 @@ OrtCustomOpDomain* QconvertDomain() {
     d.Add(qconvert::AdaptiveStepOp());
     d.Add(qconvert::LutGatherOp());
     d.Add(qconvert::Pow2ShiftOp());
+    d.Add(qconvert::UniformQuantOp());
     return d;
   }();
   return domain;
