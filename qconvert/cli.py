@@ -67,16 +67,23 @@ def _human(n: float) -> str:
 @click.option("--allow-pickle", is_flag=True,
               help="Also load checkpoints holding pickled objects. Unpickling RUNS CODE from "
                    "the file: only for files you trust.")
+@click.option("--optimize-for", type=click.Choice(["cpu"]),
+              help="Also write ONNX Runtime's optimized model next to OUT (NAME.ort-cpu.onnx): "
+                   "for this ORT version and CPU family only.")
 @_errors_to_exit_codes
 def export(checkpoint: Path, out: Path, opset: int, no_functions: bool, force: bool,
            mode: str, outer_bits: str, calib: Path | None, min_agreement: float,
-           allow_pickle: bool) -> None:
+           allow_pickle: bool, optimize_for: str | None) -> None:
     """Export CHECKPOINT to an ONNX model with qconvert ops and packed low-bit weights."""
     from .checkpoint import load_checkpoint
     from .export.onnx_export import build_onnx, check_output_path, write_atomically
     from .inspect_model import inspect_model
 
     check_output_path(out, force)
+    if optimize_for:
+        from .optimized_file import optimized_path
+
+        check_output_path(optimized_path(out), force)
     if mode == "integer" and outer_bits == "auto" and calib is None:
         raise QConvertError("--outer-bits auto needs --calib DATA to measure agreement on")
     started = time.perf_counter()
@@ -99,6 +106,12 @@ def export(checkpoint: Path, out: Path, opset: int, no_functions: bool, force: b
                f"{info.file_bytes / info.ideal_bytes:.2f}x ideal packed "
                f"({_human(info.ideal_bytes)}), {info.file_bytes / info.fp32_bytes:.3f}x FP32 "
                f"({_human(info.fp32_bytes)}); {seconds:.1f} s")
+    if optimize_for:
+        from .optimized_file import write_optimized
+
+        path, size = write_optimized(model, out, force)
+        click.echo(f"wrote {path}: {_human(size)}, ONNX Runtime's optimized model, valid only "
+                   "with this onnxruntime version on this CPU family (see its metadata)")
 
 
 def _to_integer(model, ckpt, outer_bits: str, calib: Path | None, min_agreement: float):
@@ -291,13 +304,18 @@ def inspect_command(model: Path, as_json: bool) -> None:
 @click.option("--synthetic", type=int, default=256, show_default=True)
 @click.option("--threads", default=1, show_default=True, help="Intra-op threads, all models.")
 @click.option("--rounds", default=30, show_default=True, help="Interleaved timing rounds.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write results.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the machine-readable result to stdout instead of the table.")
+@click.option("--report", type=click.Path(path_type=Path), help="Write the result as JSON.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG plot.")
 @_errors_to_exit_codes
 def bench(checkpoint: Path, calib: Path | None, synthetic: int, threads: int, rounds: int,
-          json_path: Path | None, plot: Path | None) -> None:
-    """Latency, size and fidelity of CHECKPOINT's export against the alternatives."""
+          as_json: bool, report: Path | None, plot: Path | None) -> None:
+    """Latency, size and fidelity of CHECKPOINT's export against the alternatives: the
+    file loaded plainly in ONNX Runtime (library registered) and in qconvert's session,
+    FP32 ONNX, int8 QDQ and PyTorch eager, timed in interleaved rounds."""
     from . import bench as bench_mod
+    from . import bench_report
     from . import calib as calib_data
     from .checkpoint import load_checkpoint
 
@@ -306,11 +324,11 @@ def bench(checkpoint: Path, calib: Path | None, synthetic: int, threads: int, ro
             else calib_data.synthetic(synthetic, ckpt.input.shape))
     result = bench_mod.run_bench(ckpt, data, threads=threads, rounds=rounds,
                                  log=lambda m: click.echo(m, err=True))
-    click.echo(bench_mod.format_table(result))
-    if json_path:
-        json_path.write_text(result.to_json())
+    click.echo(result.to_json() if as_json else bench_report.format_table(result))
+    if report:
+        report.write_text(result.to_json())
     if plot:
-        bench_mod.plot(result, str(plot))
+        bench_report.plot(result, str(plot))
 
 
 @main.command("ops-lib")

@@ -64,8 +64,10 @@ def test_custom_op_counts(zoo, key):
     info = inspect_json(zoo, key)
     model = zoo.onnx_model(key)
     counts = Counter(n.op_type for n in model.graph.node if n.domain == "qconvert")
-    assert info["custom_ops"] == dict(counts)
-    assert sum(counts.values()) > 0
+    assert info["custom_ops"] == dict(counts)  # the ops a runtime must provide
+    # LSQ activations are standard ops and constant weight decodes fold at load: those
+    # schemes need no qconvert kernel at all
+    assert (sum(counts.values()) > 0) == (zoo.case(key).scheme not in ("lsq", "pot", "post"))
 
 
 @pytest.mark.parametrize("key", ALL_KEYS)
