@@ -7,8 +7,8 @@ The FP32 model is rebuilt from the checkpoint and exported to a temporary file. 
 exported file runs two ways: ``plain``, a plain ``onnxruntime.InferenceSession`` of the
 file with the native library registered (what a C++, C# or Java user gets: the constant
 weight decodes fold at load), and ``session``, what ``qconvert.runtime.session`` and
-``qconvert bench`` run (the same file plus session-time rewrites: LSQ quantizers fused
-into AdaptiveStep, quantizers kept in ORT's NCHWc layout by qconvert.nchwc). The sessions
+``qconvert bench`` run (the same file plus a session-time rewrite: the activation
+quantizers kept in ORT's NCHWc layout by qconvert.nchwc). The sessions
 run interleaved, so all see the same machine state: fp32, plain, session and
 plain-ort-cpu (a plain session of ``export --optimize-for cpu``'s file) with ORT's default
 optimizations, and fp32 and plain again with the NCHWc layout transformer

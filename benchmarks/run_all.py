@@ -80,7 +80,7 @@ def main() -> None:
         f"Machine: {machine()}. Absolute times are this machine's; read the ratios.\n",
         "Rows: the exported file loaded plainly in ONNX Runtime with the native library "
         "registered (what a C++ user gets), the same file in qconvert's session (plus "
-        "session-time rewrites: LSQ fusion, NCHWc splice), stock ONNX Runtime running the "
+        "session-time NCHWc splice of the quantizers), stock ONNX Runtime running the "
         "function bodies, FP32 ONNX, int8 QDQ and PyTorch eager.\n",
         "Columns: latency median relative to the FP32 ONNX model in ONNX Runtime (same "
         "threads, interleaved rounds), median and p90 in ms, file size relative to the ideal "

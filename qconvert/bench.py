@@ -6,7 +6,8 @@ elsewhere on a shared machine hits them alike: ratios are measured side by side.
 
 The exported file is timed twice: as a plain ``onnxruntime.InferenceSession`` with the
 native library registered (what a C++, C# or Java user gets) and as qconvert's session,
-which also rewrites the graph at load (LSQ fusion, the NCHWc splice: session-time only).
+which also rewrites the graph at load (the NCHWc splice of qconvert/nchwc.py, a
+session-time optimization only).
 Tables and plots: ``bench_report``.
 """
 

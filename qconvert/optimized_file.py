@@ -2,9 +2,9 @@
 saved next to it for users who deploy on the same ONNX Runtime version and CPU family.
 
 The file holds what a qconvert session runs after loading: the weights decoded (float
-initializers, some already reordered into ORT's blocked NCHWc layout), the LSQ quantizers
-fused into AdaptiveStep, the activation quantizers spliced into the NCHWc layout and
-ORT's own fusions applied. A plain ``InferenceSession`` of it (native library registered)
+initializers, some already reordered into ORT's blocked NCHWc layout), the activation
+quantizers spliced into the NCHWc layout (``qconvert/nchwc.py``) and ORT's own fusions
+applied. A plain ``InferenceSession`` of it (native library registered)
 needs no session-time rewrite, so C++, C# and Java users get the qconvert session's speed.
 
 It is tied to what made it: the ORT version (its internal ``com.microsoft`` /
@@ -27,7 +27,6 @@ from . import native
 from .errors import QConvertError
 from .export.onnx_export import write_atomically
 from .nchwc import spliced_model
-from .runtime import fuse_uniform_quantizers
 
 TARGETS = ("cpu",)
 SUFFIX = ".ort-cpu.onnx"
@@ -80,17 +79,16 @@ def _ort_optimized(model: onnx.ModelProto, level: ort.GraphOptimizationLevel) ->
 
 
 def optimize_for_cpu(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ORT's optimized form of ``model`` with qconvert's session rewrites, with metadata
+    """ORT's optimized form of ``model`` with qconvert's session rewrite, with metadata
     naming the ORT version and CPU it is tied to."""
     if native.library_path() is None:
         raise QConvertError("--optimize-for needs the native library (the optimized graph "
                             "runs the qconvert kernels); run `make ops`")
-    rewritten = fuse_uniform_quantizers(model)
-    spliced = spliced_model(rewritten, _options)
+    spliced = spliced_model(model, _options)
     try:
         if spliced is None:  # nothing to splice: ORT's own full optimization
             level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            optimized = _ort_optimized(rewritten, level)
+            optimized = _ort_optimized(model, level)
         else:  # the layout pass already ran: keep the splice
             level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
             optimized = _ort_optimized(spliced, level)

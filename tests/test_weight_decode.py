@@ -5,7 +5,6 @@ qconvert's session computes."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qconvert import native
+from qconvert import manifest, native
 from qconvert.export.weight_decode import DECODE_DOMAIN, decode_function, fold_constant_decodes
 from qconvert.ops import DOMAIN, functions, lut_gather, pow2_shift
 from qconvert.ops.packing import pack_codes
@@ -168,12 +167,11 @@ def test_export_writes_every_weight_decode_foldable(zoo, functions_too):
     assert {f.name for f in model.functions if f.domain == DECODE_DOMAIN} == {
         "LutGather", "Pow2Shift"}
     kernel_ops = {f.name for f in model.functions if f.domain == DOMAIN}
-    assert kernel_ops == ({"CompandQuant", "AdaptiveStep"} if functions_too else set())
-    records = json.loads(next(p.value for p in model.metadata_props
-                              if p.key == "qconvert_layers"))
+    assert kernel_ops == ({"UniformQuant", "CompandQuant", "AdaptiveStep"} if functions_too
+                          else set())
     by_name = {n.name: n for n in model.graph.node}
-    for record in records.values():  # validate's weight check runs exactly these nodes
-        assert [by_name[n].domain for n in record["weight_nodes"]] == [DECODE_DOMAIN]
+    for record in manifest.read(model).layers:  # validate's weight check runs these nodes
+        assert [by_name[n].domain for n in record.weight.nodes] == [DECODE_DOMAIN]
 
 
 @pytest.mark.parametrize("library", LIBRARY, ids=lambda lib: "library" if lib else "stock")

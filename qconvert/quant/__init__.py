@@ -2,7 +2,7 @@
 
 from .asq import ASQQuantizer, StepAdapter
 from .base import Quantizer
-from .layers import QUANTIZED_LAYERS, QConv2d, QLinear
+from .layers import QUANTIZED_LAYERS, QConv2d, QLinear, quantized_layers
 from .lcq import LCQQuantizer
 from .lsq import LSQQuantizer
 from .pot import PowerQuantizer
@@ -16,6 +16,7 @@ from .schemes import (
 )
 
 __all__ = [
+    "quantized_layers",
     "ASQQuantizer", "LCQQuantizer", "LSQQuantizer", "LayerSpec", "PowerQuantizer", "QConv2d",
     "QLinear", "QUANTIZED_LAYERS", "QuantSpec", "Quantizer", "SCHEMES", "StepAdapter",
     "apply_layer_specs", "quantize_model", "scheme_layer_specs",

@@ -56,3 +56,8 @@ class QLinear(_Quantized, nn.Linear):
 
 
 QUANTIZED_LAYERS = (QConv2d, QLinear)
+
+
+def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every quantized layer of ``model`` with its module path, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, QUANTIZED_LAYERS)]
