@@ -43,10 +43,30 @@ def is_weight_decode(node: onnx.NodeProto) -> bool:
     return node.domain in (DOMAIN, DECODE_DOMAIN) and node.op_type in DECODE_OPS
 
 
+class _CompactBuilder(FunctionBuilder):
+    """Short value names and one Constant node per distinct value: the body is stored in
+    every file that has a constant decode."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self._constants: dict[tuple, str] = {}
+
+    def _fresh(self, hint: str) -> str:
+        self._count += 1
+        return f"t{self._count}"
+
+    def const(self, value, dtype=np.float32) -> str:
+        array = np.asarray(value, dtype=dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._constants:
+            self._constants[key] = super().const(array, dtype)
+        return self._constants[key]
+
+
 def decode_function(op_type: str, opset: int) -> onnx.FunctionProto:
     """The op's body for folding, under the function-only domain (same inputs, attributes
     and errors as the op, docs/ops.md)."""
-    fb = FunctionBuilder(op_type, OPS[op_type].INPUTS, OPS[op_type].ATTRIBUTES)
+    fb = _CompactBuilder(op_type, OPS[op_type].INPUTS, OPS[op_type].ATTRIBUTES)
     shape, bits = fb.attr("shape", "ints"), fb.attr("bits")
     count = fb.node("ReduceProd", shape, keepdims=0)
     codes = _unpacked_codes(fb, bits, count)
@@ -77,8 +97,11 @@ def _unpacked_codes(fb: FunctionBuilder, bits: str, count: str) -> str:
     fill ``bits`` bytes, so the stream is read as a [groups, bits] grid (one zero column
     appended for the byte after the last), and code k of a group is
     ``(byte[j] | byte[j + 1] << 8) >> s & mask`` with j, s constants of (bits, k)."""
-    position = np.arange(9)[:, None] * np.arange(8)[None, :]  # bit offset, by (bits, k)
-    first_byte, shift = position // 8, (position % 8).astype(np.uint32)
+    eight = fb.const(8, np.int64)
+    position = fb.node("Mul", fb.node("Range", fb.const(0, np.int64), eight, fb.const(1, np.int64)),
+                       bits)  # bit offset of code k in its group
+    byte = fb.node("Div", position, eight)
+    shift = fb.node("Cast", fb.node("Mod", position, eight), to=onnx.TensorProto.UINT32)
     groups = fb.node("Div", fb.node("Add", count, fb.const(7, np.int64)), fb.const(8, np.int64))
     grid_bytes = fb.node("Mul", groups, bits)
     missing = fb.node("Max", fb.node("Sub", grid_bytes, fb.node("Size", "codes")),
@@ -91,7 +114,6 @@ def _unpacked_codes(fb: FunctionBuilder, bits: str, count: str) -> str:
                                               axis=0))
     grid = fb.node("Cast", fb.node("Pad", grid, fb.const([0, 0, 0, 1], np.int64)),
                    to=onnx.TensorProto.UINT32)
-    byte = fb.node("Gather", fb.const(first_byte, np.int64), bits, axis=0)
     low = fb.node("Gather", grid, byte, axis=1)
     high = fb.node("Gather", grid, fb.node("Add", byte, fb.const(1, np.int64)), axis=1)
     word = fb.node("BitwiseOr", low, fb.node("BitShift", high, fb.const(8, np.uint32),
@@ -99,8 +121,7 @@ def _unpacked_codes(fb: FunctionBuilder, bits: str, count: str) -> str:
     one = fb.const(1, np.uint32)
     wide_bits = fb.node("Cast", bits, to=onnx.TensorProto.UINT32)
     mask = fb.node("Sub", fb.node("BitShift", one, wide_bits, direction="LEFT"), one)
-    shifted = fb.node("BitShift", word, fb.node("Gather", fb.const(shift, np.uint32), bits, axis=0),
-                      direction="RIGHT")
+    shifted = fb.node("BitShift", word, shift, direction="RIGHT")
     flat = fb.node("Reshape", fb.node("BitwiseAnd", shifted, mask), fb.const([-1], np.int64))
     flat = fb.node("Slice", flat, fb.const([0], np.int64), _vector(fb, count))
     return fb.node("Cast", flat, to=onnx.TensorProto.INT32)
