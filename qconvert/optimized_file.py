@@ -84,16 +84,19 @@ def optimize_for_cpu(model: onnx.ModelProto) -> onnx.ModelProto:
     if native.library_path() is None:
         raise QConvertError("--optimize-for needs the native library (the optimized graph "
                             "runs the qconvert kernels); run `make ops`")
-    spliced = spliced_model(model, _options)
-    try:
-        if spliced is None:  # nothing to splice: ORT's own full optimization
-            level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            optimized = _ort_optimized(model, level)
-        else:  # the layout pass already ran: keep the splice
-            level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    spliced, level, optimized = spliced_model(model, _options), None, None
+    if spliced is not None:  # the layout pass already ran: keep the splice
+        level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        try:
             optimized = _ort_optimized(spliced, level)
-    except Exception as exc:  # ORT raises its own exception types
-        raise QConvertError(f"ONNX Runtime cannot optimize the model: {exc}") from exc
+        except Exception:  # e.g. a quantizer the library has no kernel for: no splice
+            optimized = None
+    if optimized is None:  # ORT's own full optimization
+        level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            optimized = _ort_optimized(model, level)
+        except Exception as exc:  # ORT raises its own exception types
+            raise QConvertError(f"ONNX Runtime cannot optimize the model: {exc}") from exc
     del optimized.metadata_props[:]
     for prop in model.metadata_props:
         optimized.metadata_props.add(key=prop.key, value=prop.value)
