@@ -12,7 +12,8 @@ quantizers kept in ORT's NCHWc layout by qconvert.nchwc). The sessions
 run interleaved, so all see the same machine state: fp32, plain, session and
 plain-ort-cpu (a plain session of ``export --optimize-for cpu``'s file) with ORT's default
 optimizations, and fp32 and plain again with the NCHWc layout transformer
-disabled. Printed: median latency and the ratio to fp32, and the machine's load average.
+disabled. Printed: median and minimum latency with their ratios to fp32 (on a busy shared
+machine the minimum shows the undisturbed cost), and the machine's load average.
 
 ``--lib OTHER.so`` (repeatable) adds a plain session using another build of the
 library, interleaved with the rest: the way to compare two builds on a busy
@@ -94,12 +95,13 @@ def latency_table(sessions: dict[str, Callable], batch: int, reps: int,
             start = time.perf_counter()
             sessions[k](x)
             times[k].append(time.perf_counter() - start)
-    base = statistics.median(times["fp32"])
-    print(f"batch {batch}, median of {reps} interleaved runs "
+    base, fastest = statistics.median(times["fp32"]), min(times["fp32"])
+    print(f"batch {batch}, {reps} interleaved runs: median, ratio; minimum, ratio "
           f"(load average {load:.2f} -> {os.getloadavg()[0]:.2f})")
     for k, v in times.items():
         med = statistics.median(v)
-        print(f"  {k:>16} {med * 1e3:9.3f} ms  {med / base:5.2f}x")
+        print(f"  {k:>16} {med * 1e3:9.3f} ms  {med / base:5.2f}x  "
+              f"{min(v) * 1e3:9.3f} ms  {min(v) / fastest:5.2f}x")
 
 
 def runner(sess: ort.InferenceSession) -> Callable:
