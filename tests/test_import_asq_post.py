@@ -185,32 +185,44 @@ def test_imported_checkpoint_records_its_origin(imported, name):
                                      if isinstance(m, torch.nn.Conv2d)} - {"conv1"}
 
 
+ROLE_OF = {"conv1": "quant_convbn1", "conv2": "quant_convbn2",
+           "downsample.0": "quant_identity_convbn"}
+
+
+def weight_pairs(src: Path, out: Path, spec: FixtureSpec):
+    """(source key prefix, source's quantized weight, imported quantized weight) per conv."""
+    state = source_state(src)
+    for name, layer in load_checkpoint(out).model.named_modules():
+        if hasattr(layer, "weight_quant"):
+            stage, block, conv = name.split(".", 2)
+            p = f"{stage}.unit{int(block) + 1}.{ROLE_OF[conv]}."
+            with torch.no_grad():
+                yield p, _source_weight(state, p, spec), layer.weight_quant(layer.weight)
+
+
+@pytest.mark.parametrize("name", list(STANDARD))
+def test_imported_weights_equal_the_source_weights_bit_for_bit(imported, name):
+    src, out = imported[name]
+    pairs = list(weight_pairs(src, out, STANDARD[name]))
+    assert len(pairs) == {18: 19, 34: 35}[STANDARD[name].depth]
+    for p, expected, got in pairs:
+        assert torch.equal(got, expected), p
+
+
 def test_post_ties_follow_the_source_table_order(imported):
-    """The 4-bit base-2 fixture has weights exactly on midpoints (both signs): the
-    imported weights equal the source's on them, and the source's order is not simply
-    'toward zero' (qconvert's default rank), so the ranks did matter."""
+    """The 4-bit base-2 fixture has weights exactly on midpoints (both signs): the source's
+    order there is not simply 'toward zero' (qconvert's default rank), so the imported
+    ranks matter (the weights themselves are compared in the test above)."""
     src, out = imported["r18_asq_post2_4bit_dp"]
     spec = STANDARD["r18_asq_post2_4bit_dp"]
     state = source_state(src)
-    model = load_checkpoint(out).model
-    table = _post_table(spec.bits, spec.base)
-    mags = sorted(set(table.abs().tolist()))
+    mags = sorted(set(_post_table(spec.bits, spec.base).abs().tolist()))
     mids = torch.tensor([(a + b) / 2 for a, b in zip(mags[:-1], mags[1:], strict=True)])
-    differs_from_toward_zero = 0
-    ties = 0
-    for name, layer in model.named_modules():
-        if not hasattr(layer, "weight_quant"):
-            continue
-        i, j, conv = name.split(".", 2)
-        role = {"conv1": "quant_convbn1", "conv2": "quant_convbn2",
-                "downsample.0": "quant_identity_convbn"}[conv]
-        p = f"{i}.unit{int(j) + 1}.{role}."
-        expected = _source_weight(state, p, spec)
-        with torch.no_grad():
-            got = layer.weight_quant(layer.weight)
-        assert torch.equal(got, expected)
-        alpha = _grad_scaled(state[p + "quan_w_fn.s"], 1 / (expected[0].numel()) ** 0.5)
-        v = (state[p + "conv.weight"] / alpha).clamp(-1, 1)
+    ties = differs_from_toward_zero = 0
+    for p, expected, _ in weight_pairs(src, out, spec):
+        w = state[p + "conv.weight"]
+        alpha = _grad_scaled(state[p + "quan_w_fn.s"], 1 / (w[0].numel()) ** 0.5)
+        v = (w / alpha).clamp(-1, 1)
         on_tie = torch.isin(v.abs(), mids)
         ties += int(on_tie.sum())
         smaller = torch.tensor([max(m for m in mags if m < a) for a in v.abs()[on_tie].tolist()])
