@@ -350,7 +350,7 @@ def bench(checkpoint: Path, calib: Path | None, synthetic: int, threads: int, ro
 
 
 @main.command("import")
-@click.option("--from", "source", required=True, type=click.Choice(["asq-post"]),
+@click.option("--from", "source", required=True, type=click.Choice(["asq-post"]),  # = SOURCES
               help="The training code that wrote CHECKPOINT.")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path),

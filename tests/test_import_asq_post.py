@@ -461,3 +461,20 @@ def test_refuses_existing_output_without_force(tmp_path):
 def test_refuses_missing_file(tmp_path):
     assert_refused(*run_import(tmp_path / "nope.pth.tar", tmp_path / "o.pt", *POST)[::2],
                    "no such checkpoint file")
+
+
+def test_refuses_unsupported_bit_width(tmp_path):
+    saved = _saved(FixtureSpec(18, 4, "lsq", "lsq"))
+    del saved["arch"]
+    assert_refused(*run_import(_write(tmp_path, saved), tmp_path / "o.pt", "--weights", "lsq",
+                               "--bits", "9")[::2], "cannot quantize at 9 bits", "2..8")
+
+
+def test_command_offers_every_registered_source():
+    from qconvert.importers import SOURCES
+
+    command = main.commands["import"]
+    choices = next(p.type.choices for p in command.params if p.name == "source")
+    assert sorted(choices) == sorted(SOURCES)
+    code, stdout, _ = run_cli("import", "--help")
+    assert code == 0 and "--post-base" in stdout and "--weights" in stdout
