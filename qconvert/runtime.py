@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from . import native
 from .errors import QConvertError
+from .export.weight_decode import fold_constant_decodes
 from .nchwc import spliced_session
-from .ops import DECODE_OPS, DOMAIN, REFERENCE_OPS, SUPPORTED_DOMAIN_VERSIONS
+from .ops import DOMAIN, REFERENCE_OPS, SUPPORTED_DOMAIN_VERSIONS
 
 RUNTIMES = ("native", "function", "reference")
 
@@ -94,38 +94,14 @@ def _ort_session(model: onnx.ModelProto, runtime: str, threads: int) -> ort.Infe
 
 
 def fold_weight_decodes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Decode constant weights once, with the native kernels, into float initializers.
-
-    ORT never constant-folds custom-domain nodes, so a Conv fed by a decode kernel would
-    lose weight pre-packing and Conv+BatchNorm fusion on every inference. The file stays
-    packed; only the in-memory model holds the decoded weights.
-    """
-    constants = {i.name for i in model.graph.initializer}
-    decodes = [n for n in model.graph.node if n.domain == DOMAIN and n.op_type in DECODE_OPS
-               and all(i in constants for i in n.input)]
-    if not decodes:
-        return model
-    decode_inputs = {i for n in decodes for i in n.input}
-    probe = onnx.helper.make_model(
-        onnx.helper.make_graph(
-            decodes, "decode", [],
-            [onnx.helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, None)
-             for n in decodes],
-            [i for i in model.graph.initializer if i.name in decode_inputs]),
-        opset_imports=model.opset_import, ir_version=model.ir_version)
-    values = _ort_session(probe, "native", 0).run(None, {})
+    """For files exported before constant decodes were written foldable: the same model
+    with each constant-input ``LutGather`` / ``Pow2Shift`` in the function-only decode
+    domain (``qconvert.export.weight_decode``), so ORT folds it into a float initializer
+    at load instead of running a native kernel on every inference. Files exported now
+    already are in that form: they come back unchanged."""
     folded = onnx.ModelProto()
     folded.CopyFrom(model)
-    folded_outputs = {n.output[0] for n in decodes}
-    kept = [n for n in folded.graph.node if n.output[0] not in folded_outputs]
-    still_read = {i for n in kept for i in n.input}
-    initializers = [i for i in folded.graph.initializer if i.name in still_read]
-    initializers += [numpy_helper.from_array(v, n.output[0])
-                     for n, v in zip(decodes, values, strict=True)]
-    del folded.graph.node[:], folded.graph.initializer[:]
-    folded.graph.node.extend(kept)
-    folded.graph.initializer.extend(initializers)
-    return folded
+    return folded if fold_constant_decodes(folded) else model
 
 
 def _missing_functions(model: onnx.ModelProto) -> list[str]:

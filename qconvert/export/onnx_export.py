@@ -24,6 +24,7 @@ from ..manifest import INPUT_NAME, OUTPUT_NAME, LayerRecord, Manifest, WeightRec
 from ..ops import DOMAIN, MAX_OPSET, MIN_OPSET, OPS, functions, translation_table
 from .deploy import DeployedLayer, to_deploy
 from .integer import to_integer
+from .weight_decode import fold_constant_decodes, is_weight_decode
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -97,7 +98,7 @@ def _name_layer_values(model: onnx.ModelProto,
 
 def _weight_record(model: onnx.ModelProto, layer: DeployedLayer) -> WeightRecord:
     nodes = scope_nodes(model.graph, f"{layer.name}.weight")
-    (decode,) = [n for n in nodes if n.domain == DOMAIN]
+    (decode,) = [n for n in nodes if is_weight_decode(n)]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in decode.attribute}
     return WeightRecord(decode.op_type, decode.input[0], decode.input[1], int(attrs["bits"]),
                         list(attrs["shape"]), int(attrs.get("root", 0)), [n.name for n in nodes])
@@ -169,6 +170,7 @@ def build_onnx(ckpt: Checkpoint, opset: int = 20, with_functions: bool = True,
     records = [_layer_record(model, layer, values[layer.name])  # reads the scopes
                for layer in layers]
     _strip_exporter_annotations(model)
+    fold_constant_decodes(model)  # constant weights: standard ONNX that runtimes fold at load
     if with_functions:
         model.functions.extend(functions(opset, used_ops(model)))
     manifest.write(model, _manifest(ckpt, records))

@@ -12,6 +12,7 @@ from ... import manifest
 from ...errors import QConvertError
 from ...manifest import LayerRecord
 from ...ops import DOMAIN
+from ..weight_decode import fold_constant_decodes
 from .activations import WIDE_ACT_STEPS, ActInfo, IntAct, int_act
 from .edit import ZERO_POINT_SIGNED, GraphEdit, node_attrs
 from .weights import WeightInfo, int_weight
@@ -146,6 +147,7 @@ def to_integer(model: onnx.ModelProto, outer_bits: int, *,
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     _prune(out)
+    fold_constant_decodes(out)  # the integer weights, too, fold at load
     manifest.write(out, _integer_manifest(man, out, outer, layers, g))
     try:
         onnx.checker.check_model(out, full_check=True)
