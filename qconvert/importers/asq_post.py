@@ -269,6 +269,30 @@ def _source_weight(weight: torch.Tensor, step: torch.Tensor, recipe: Recipe,
     return picked.view_as(weight) * step
 
 
+def _convert_site(path: Path, state: Mapping, site: ConvSite, new: dict, recipe: Recipe,
+                  order: torch.Tensor | None) -> tuple[torch.Tensor, list[str]]:
+    """Write one block conv's quantizer tensors into ``new``; returns the source's signed
+    forward weight step and the source keys whose steps were not positive."""
+    init = source_tensor(path, state, f"{site.source}.init_state", (1,))
+    if float(init) != 0.0:
+        raise QConvertError(f"{path}: {site.source}.init_state is {float(init):g}: its "
+                            "quantizers were never initialised (no forward pass ran); "
+                            "import a checkpoint saved after training")
+    weight = new[f"{site.conv}.weight"]
+    raw_w = source_tensor(path, state, f"{site.source}.quan_w_fn.s",
+                          (weight.shape[0], 1, 1, 1))
+    step, signed, w_fixed = _weight_step(site, raw_w, weight, recipe, path)
+    new[f"{site.conv}.weight_quant.{'step' if order is None else 'alpha'}"] = step
+    raw_a = source_tensor(path, state, f"{site.source}.quan_a_fn.s", (1,))
+    new[f"{site.conv}.act_quant.step"], a_fixed = _lsq_step(raw_a)
+    for role in ("weight_quant", "act_quant"):
+        new[f"{site.conv}.{role}.initialized"] = torch.tensor(True)
+    if order is not None:
+        new[f"{site.conv}.weight_quant.tie_rank"] = _tie_ranks(order)
+    fixed = [f"{site.source}.quan_w_fn.s"] * w_fixed + [f"{site.source}.quan_a_fn.s"] * a_fixed
+    return signed, fixed
+
+
 def _fill(path: Path, state: Mapping, model: nn.Module, recipe: Recipe) -> list[str]:
     """Copy and convert every source tensor into ``model``; returns notes."""
     target = model.state_dict()
@@ -280,37 +304,15 @@ def _fill(path: Path, state: Mapping, model: nn.Module, recipe: Recipe) -> list[
              else None)
     not_positive, signed_steps = [], {}
     for site in _sites(model):
-        out_channels = target[f"{site.conv}.weight"].shape[0]
-        init = source_tensor(path, state, f"{site.source}.init_state", (1,))
-        if float(init) != 0.0:
-            raise QConvertError(f"{path}: {site.source}.init_state is {float(init):g}: its "
-                                "quantizers were never initialised (no forward pass ran); "
-                                "import a checkpoint saved after training")
-        raw_w = source_tensor(path, state, f"{site.source}.quan_w_fn.s",
-                              (out_channels, 1, 1, 1))
-        step, signed, fixed = _weight_step(site, raw_w, new[f"{site.conv}.weight"], recipe,
-                                           path)
-        if fixed:
-            not_positive.append(f"{site.source}.quan_w_fn.s")
-        signed_steps[site.conv] = signed
-        new[f"{site.conv}.weight_quant.{'step' if order is None else 'alpha'}"] = step
-        raw_a = source_tensor(path, state, f"{site.source}.quan_a_fn.s", (1,))
-        act_step, fixed = _lsq_step(raw_a)
-        if fixed:
-            not_positive.append(f"{site.source}.quan_a_fn.s")
-        new[f"{site.conv}.act_quant.step"] = act_step
-        for role in ("weight_quant", "act_quant"):
-            new[f"{site.conv}.{role}.initialized"] = torch.tensor(True)
-        if order is not None:
-            new[f"{site.conv}.weight_quant.tie_rank"] = _tie_ranks(order)
+        signed_steps[site.conv], fixed = _convert_site(path, state, site, new, recipe, order)
+        not_positive += fixed
     model.load_state_dict(new, strict=True)
     _check_weights(path, model, recipe, signed_steps, order)
-    notes = []
-    if not_positive:
-        notes.append(f"made {len(not_positive)} non-positive step(s) positive as the source's "
-                     f"forward does (|s|, POST alpha by sign symmetry): "
-                     f"{', '.join(not_positive[:4])}" + (" ..." if len(not_positive) > 4 else ""))
-    return notes
+    if not not_positive:
+        return []
+    listed = ", ".join(not_positive[:4]) + (" ..." if len(not_positive) > 4 else "")
+    return [f"made {len(not_positive)} non-positive step(s) positive as the source's forward "
+            f"does (|s|; POST alpha by sign symmetry): {listed}"]
 
 
 def _check_weights(path: Path, model: nn.Module, recipe: Recipe,
