@@ -478,3 +478,41 @@ def test_command_offers_every_registered_source():
     assert sorted(choices) == sorted(SOURCES)
     code, stdout, _ = run_cli("import", "--help")
     assert code == 0 and "--post-base" in stdout and "--weights" in stdout
+
+
+def test_negative_post_alpha_off_ties_imports_exactly(tmp_path):
+    """Channel 1 holds no planted ties: a negative alpha there gives the source's weights
+    with abs(alpha), reported."""
+    spec = FixtureSpec(18, 4, "asq", "post", seed=6)
+    saved = make_checkpoint(spec)
+    state = saved["state_dict"]
+    state["layer3.unit1.quant_convbn1.quan_w_fn.s"][1] *= -1
+    torch.save(saved, tmp_path / "neg.pth.tar")
+    code, stdout, stderr = run_import(tmp_path / "neg.pth.tar", tmp_path / "neg.pt", *POST)
+    assert code == 0, stderr
+    assert "made 1 non-positive step(s) positive" in stdout
+    x = inputs(2)
+    with torch.no_grad():
+        expected = source_forward(state, spec, x)
+        got = load_checkpoint(tmp_path / "neg.pt").model(x)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_negative_post_alpha_on_an_asymmetric_tie_is_refused(tmp_path):
+    """Channel 0 holds weights on every midpoint; at 4 bits the source's table sends +0.75
+    and -0.75 (times alpha) to levels of different magnitude, so a negative alpha there
+    cannot be expressed with abs(alpha): the bit-for-bit weight check refuses the file."""
+    saved = make_checkpoint(FixtureSpec(18, 4, "asq", "post", seed=6))
+    saved["state_dict"]["layer3.unit1.quant_convbn1.quan_w_fn.s"][0] *= -1
+    assert_refused(*run_import(_write(tmp_path, saved), tmp_path / "o.pt", *POST)[::2],
+                   "layer layer3.0.conv1", "differ from the source's", "cannot be imported")
+
+
+@pytest.mark.parametrize(("name", "params"), [("tv_resnet18", 11_689_512),
+                                              ("tv_resnet34", 21_797_672)])
+def test_builtin_architectures_have_torchvision_sizes(name, params):
+    from qconvert.archs import build_architecture
+
+    model = build_architecture(name)
+    assert sum(p.numel() for p in model.parameters()) == params  # torchvision's counts
+    assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 1000)
