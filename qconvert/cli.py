@@ -68,18 +68,26 @@ def _human(n: float) -> str:
 @click.option("--allow-pickle", is_flag=True,
               help="Also load checkpoints holding pickled objects. Unpickling RUNS CODE from "
                    "the file: only for files you trust.")
+@click.option("--optimize-for", type=click.Choice(["cpu"]),
+              help="Also write ONNX Runtime's optimized model next to OUT (NAME.ort-cpu.onnx): "
+                   "for this ORT version and CPU family only.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--report", type=click.Path(path_type=Path), help="Also write it as JSON.")
 @_errors_to_exit_codes
 def export(checkpoint: Path, out: Path, opset: int, no_functions: bool, force: bool,
            mode: str, outer_bits: str, calib: Path | None, min_agreement: float,
-           allow_pickle: bool, as_json: bool, report: Path | None) -> None:
+           allow_pickle: bool, optimize_for: str | None, as_json: bool,
+           report: Path | None) -> None:
     """Export CHECKPOINT to an ONNX model with qconvert ops and packed low-bit weights."""
     from .checkpoint import load_checkpoint
     from .export.onnx_export import check_output_path, export_checkpoint
     from .inspect_model import inspect_model
 
     check_output_path(out, force)
+    if optimize_for:
+        from .optimized_file import optimized_path
+
+        check_output_path(optimized_path(out), force)
     if report is not None and not report.parent.is_dir():
         raise QConvertError(f"{report.parent}: no such directory for {report.name}")
     if mode == "integer" and outer_bits == "auto" and calib is None:
@@ -92,6 +100,11 @@ def export(checkpoint: Path, out: Path, opset: int, no_functions: bool, force: b
         result = export_checkpoint(ckpt, out, opset, not no_functions, force, integer,
                                    progress=lambda _: bar.update(1))
     summary = _export_summary(result, inspect_model(out), time.perf_counter() - started)
+    if optimize_for:
+        from .optimized_file import write_optimized
+
+        path, size = write_optimized(result.model, out, force)
+        summary["optimized"] = {"path": str(path), "file_bytes": size}
     if report:
         _write_report(report, json.dumps(summary, indent=2))
     if as_json:
@@ -107,6 +120,11 @@ def export(checkpoint: Path, out: Path, opset: int, no_functions: bool, force: b
                f"{summary['size_vs_ideal']:.2f}x ideal packed "
                f"({_human(summary['ideal_bytes'])}), {summary['size_vs_fp32']:.3f}x FP32 "
                f"({_human(summary['fp32_bytes'])}); {summary['seconds']:.1f} s")
+    if optimize_for:
+        click.echo(f"wrote {summary['optimized']['path']}: "
+                   f"{_human(summary['optimized']['file_bytes'])}, ONNX Runtime's optimized "
+                   "model, valid only with this onnxruntime version on this CPU family (see "
+                   "its metadata)")
 
 
 def _export_summary(result, info, seconds: float) -> dict:
@@ -327,26 +345,34 @@ def inspect_command(model: Path, as_json: bool, report: Path | None) -> None:
 @click.option("--synthetic", type=int, default=256, show_default=True)
 @click.option("--threads", default=1, show_default=True, help="Intra-op threads, all models.")
 @click.option("--rounds", default=30, show_default=True, help="Interleaved timing rounds.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write results.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the machine-readable result to stdout instead of the table.")
+@click.option("--report", type=click.Path(path_type=Path), help="Write the result as JSON.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG plot.")
 @_errors_to_exit_codes
 def bench(checkpoint: Path, calib: Path | None, synthetic: int, threads: int, rounds: int,
-          json_path: Path | None, plot: Path | None) -> None:
-    """Latency, size and fidelity of CHECKPOINT's export against the alternatives."""
+          as_json: bool, report: Path | None, plot: Path | None) -> None:
+    """Latency, size and fidelity of CHECKPOINT's export against the alternatives: the
+    file loaded plainly in ONNX Runtime (library registered) and in qconvert's session,
+    FP32 ONNX, int8 QDQ and PyTorch eager, timed in interleaved rounds."""
     from . import bench as bench_mod
+    from . import bench_report
     from . import calib as calib_data
     from .checkpoint import load_checkpoint
 
+    for path in (report, plot):  # fail before the slow part
+        if path is not None and not path.parent.is_dir():
+            raise QConvertError(f"{path.parent}: no such directory for {path.name}")
     ckpt = load_checkpoint(checkpoint)
     data = (calib_data.load_calibration(calib, ckpt.input.shape) if calib
             else calib_data.synthetic(synthetic, ckpt.input.shape))
     result = bench_mod.run_bench(ckpt, data, threads=threads, rounds=rounds,
                                  log=lambda m: click.echo(m, err=True))
-    click.echo(bench_mod.format_table(result))
-    if json_path:
-        json_path.write_text(result.to_json())
+    click.echo(result.to_json() if as_json else bench_report.format_table(result))
+    if report:
+        _write_report(report, result.to_json())
     if plot:
-        bench_mod.plot(result, str(plot))
+        bench_report.plot(result, str(plot))
 
 
 @main.command("import")
