@@ -1,4 +1,4 @@
-"""The ``qconvert`` command: export, validate, inspect, ops-lib."""
+"""The ``qconvert`` command: export, validate, inspect, import, ops-lib."""
 
 from __future__ import annotations
 
@@ -373,6 +373,38 @@ def bench(checkpoint: Path, calib: Path | None, synthetic: int, threads: int, ro
         _write_report(report, result.to_json())
     if plot:
         bench_report.plot(result, str(plot))
+
+
+@main.command("import")
+@click.option("--from", "source", required=True, type=click.Choice(["asq-post"]),  # = SOURCES
+              help="The training code that wrote CHECKPOINT.")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
+              help="Where to write the qconvert checkpoint (.pt).")
+@click.option("--bits", type=int, help="Bit width, when the file does not record it.")
+@click.option("--weights", type=click.Choice(["lsq", "post"]),
+              help="asq-post: the weight quantizer (the file cannot tell).")
+@click.option("--post-base", type=click.Choice(["2", "sqrt2"]),
+              help="asq-post: POST level base (the shipped code uses 2).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@_errors_to_exit_codes
+def import_command(source: str, checkpoint: Path, out: Path, bits: int | None,
+                   weights: str | None, post_base: str | None, force: bool) -> None:
+    """Convert a CHECKPOINT trained with public QAT code into a qconvert checkpoint."""
+    from .checkpoint import save_checkpoint
+    from .importers import ImportOptions, import_checkpoint
+
+    if out.exists() and not force:
+        raise QConvertError(f"{out}: exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise QConvertError(f"{out.parent}: no such directory for {out.name}")
+    result = import_checkpoint(source, checkpoint, ImportOptions(bits, weights, post_base))
+    save_checkpoint(out, result.model, arch=result.arch, arch_kwargs=result.arch_kwargs,
+                    input_shape=result.input_shape, mean=result.mean, std=result.std,
+                    training=result.training)
+    for note in result.notes:
+        click.echo(note)
+    click.echo(f"wrote {out} (arch {result.arch}, input {list(result.input_shape)})")
 
 
 @main.command("ops-lib")

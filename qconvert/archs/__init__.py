@@ -10,12 +10,15 @@ from torch import nn
 from .digits_cnn import DigitsCNN
 from .mobilenetv2 import mobilenetv2_small
 from .resnet import resnet18, resnet20
+from .tv_resnet import tv_resnet18, tv_resnet34
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "digits_cnn": DigitsCNN,
     "resnet20": resnet20,
     "mobilenetv2_small": mobilenetv2_small,
     "resnet18": resnet18,
+    "tv_resnet18": tv_resnet18,  # torchvision layout, for imported checkpoints
+    "tv_resnet34": tv_resnet34,
 }
 
 
