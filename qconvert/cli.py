@@ -249,12 +249,11 @@ def _print_report(r, echo=click.echo) -> None:
     sqnr = "exact" if r.sqnr_db is None else f"{r.sqnr_db:.1f} dB"
     echo(f"ONNX vs PyTorch fp32: max |diff| {r.max_abs_diff:.3g}  mean |diff| "
          f"{r.mean_abs_diff:.3g}  SQNR {sqnr}  NaN samples {r.nan_samples}")
-    for key, label in (("torch", "PyTorch fp32"), ("onnx", "ONNX")):
-        if key in r.referee:
-            d = r.referee[key]
-            echo(f"{label + ' vs float64 referee:':<34} max |diff| {d.max_abs_diff:.3g}  mean "
-                 f"|diff| {d.mean_abs_diff:.3g}  SQNR {_db(d.sqnr_db)} dB  top-1 "
-                 f"{_pct(d.top1_agreement)}")
+    for key, d in r.referee.items():
+        label = key.replace("torch", "PyTorch fp32").replace("onnx", "ONNX")
+        echo(f"{label + ' vs float64 referee:':<56} max |diff| {d.max_abs_diff:.3g}  mean "
+             f"|diff| {d.mean_abs_diff:.3g}  SQNR {_db(d.sqnr_db)} dB  top-1 "
+             f"{_pct(d.top1_agreement)}")
     if r.torch_accuracy is not None:
         echo(f"accuracy: PyTorch {_pct(r.torch_accuracy)}  ONNX {_pct(r.onnx_accuracy)}")
     if r.layers:

@@ -13,8 +13,10 @@ The verdict is in ``verdict.py``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -34,6 +36,21 @@ from .referee import float64_twin, quantizers, run_checked, run_referee
 from .runtime import Session
 
 ProgressFn = Callable[[int], None]
+
+
+@contextlib.contextmanager
+def _reference_convolutions():
+    """PyTorch's own (non-oneDNN) convolutions: another, equally valid summation order."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
+
+
+# Other float32 evaluations of the same PyTorch model, each as valid as the default one.
+# A low-bit network amplifies summation-order noise into whole levels, so how far float32
+# can land from the referee is measured on more than one evaluation order.
+FLOAT32_VARIANTS = {"reference convolutions": _reference_convolutions}
 PER_LAYER_SUBSET = 64  # samples the per-layer pass sees by default (all with per_layer)
 # Two quantizer outputs sit on the same level when they differ by less than this, relative:
 # far above float32-vs-float64 rounding of a level (~1e-7), far below the relative gap
@@ -367,10 +384,16 @@ def validate(
     watch = _ZeroWatch(twin) if twin is not None else None
     session = make_session(model)  # the file as deployed: no added outputs
     torch_rows, onnx_rows, referee_rows = [], [], []
+    variant_rows: dict[str, list[np.ndarray]] = {}
     shapes: list[list[int]] = []
     try:
         for x in _batches(data, ckpt, batch_size):
             torch_out = flat_outputs(run_checked(ckpt.model, x, "the PyTorch model"))
+            for name, context in FLOAT32_VARIANTS.items():
+                with context():
+                    variant = run_checked(ckpt.model, x, f"the PyTorch model ({name})")
+                variant_rows.setdefault(name, []).append(
+                    per_sample(flat_outputs(variant), len(x)))
             onnx_out = [np.asarray(o, np.float64) for o in _onnx_outputs(session, x)]
             if len(onnx_out) != len(torch_out):
                 raise QConvertError(f"the ONNX model has {len(onnx_out)} outputs, the PyTorch "
@@ -392,7 +415,10 @@ def validate(
     report.integer = is_integer_model(model)
     if twin is not None:
         r = np.concatenate(referee_rows)
-        report.referee = {"torch": distance(t, r, classes), "onnx": distance(o, r, classes)}
+        report.referee = {"torch": distance(t, r, classes)}
+        for name, rows in variant_rows.items():
+            report.referee[f"torch ({name})"] = distance(np.concatenate(rows), r, classes)
+        report.referee["onnx"] = distance(o, r, classes)
         report.zero_quantizers = watch.all_zero()
     report.degenerate = _degenerate(t, report.zero_quantizers)
     if per_layer is not False:

@@ -24,7 +24,7 @@ import math
 
 from .validate import LayerReport, Report
 
-MEAN_FACTOR = 16.0
+MEAN_FACTOR = 4.0
 FLOAT32_FLOOR = 1e-6  # relative: a few float32 ulps, so exact-to-rounding models pass
 LEVEL_FLIP_FACTOR = 16.0  # per layer, for naming where ONNX departs
 SQNR_CAP_DB = 120.0  # float32 precision: SQNRs above this all count as exact
@@ -49,18 +49,28 @@ def _op_check(report: Report) -> dict:
                   f"({report.per_layer_samples} samples)")
 
 
+def float32_envelope(report: Report) -> tuple[float, int | None]:
+    """The farthest any PyTorch float32 evaluation landed from the referee: mean |diff|
+    and top-1 disagreements."""
+    runs = [d for key, d in report.referee.items() if key.startswith("torch")]
+    mean = max(d.mean_abs_diff for d in runs)
+    counts = [d.top1_disagreements for d in runs if d.top1_disagreements is not None]
+    return mean, max(counts) if counts else None
+
+
 def _referee_checks(report: Report) -> list[dict]:
-    torch_d, onnx_d = report.referee["torch"], report.referee["onnx"]
-    allowed = MEAN_FACTOR * torch_d.mean_abs_diff + FLOAT32_FLOOR * report.max_abs_output
+    onnx_d = report.referee["onnx"]
+    torch_mean, torch_disagreements = float32_envelope(report)
+    allowed = MEAN_FACTOR * torch_mean + FLOAT32_FLOOR * report.max_abs_output
     checks = [_check("referee_mean", onnx_d.mean_abs_diff <= allowed,
                      f"mean |diff| to the float64 referee: ONNX {onnx_d.mean_abs_diff:.3g}, "
-                     f"PyTorch fp32 {torch_d.mean_abs_diff:.3g} (allowed {allowed:.3g})")]
+                     f"PyTorch fp32 up to {torch_mean:.3g} (allowed {allowed:.3g})")]
     if onnx_d.top1_disagreements is not None:
         slack = top1_slack(report.samples)
         checks.append(_check(
-            "referee_top1", onnx_d.top1_disagreements <= torch_d.top1_disagreements + slack,
+            "referee_top1", onnx_d.top1_disagreements <= torch_disagreements + slack,
             f"top-1 disagreements with the referee: ONNX {onnx_d.top1_disagreements}, "
-            f"PyTorch fp32 {torch_d.top1_disagreements} (allowed {slack} more)"))
+            f"PyTorch fp32 up to {torch_disagreements} (allowed {slack} more)"))
     return checks
 
 

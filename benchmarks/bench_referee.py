@@ -1,0 +1,80 @@
+"""Every shipped checkpoint against its float64 referee, through the real CLI.
+
+    python benchmarks/bench_referee.py [CHECKPOINT ...] [--runtime native|function|reference]
+
+Default checkpoints: every models/checkpoints/*.pt except the *-float ones. Each is
+exported with ``qconvert export`` and checked with ``qconvert validate --calib
+models/data/digits_calib.npz --resize --json`` at default thresholds; the table shows, per
+checkpoint, max / mean |diff| to the float64 referee for PyTorch float32 (default and
+reference convolutions) and for the ONNX model, the op-level mismatches, and the
+verdict and exit code validate printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CALIB = ROOT / "models" / "data" / "digits_calib.npz"
+CLI = [sys.executable, "-c", "import sys; sys.argv[0] = 'qconvert'; "
+       "from qconvert.cli import main; main()"]
+
+
+def qconvert(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, cwd=ROOT)
+
+
+def measure(ckpt: Path, workdir: Path, runtime: str | None) -> dict:
+    model = workdir / f"{ckpt.stem}.onnx"
+    exported = qconvert("export", str(ckpt), "--out", str(model), "--force")
+    if exported.returncode:
+        raise SystemExit(f"export of {ckpt} failed: {exported.stderr.strip()}")
+    args = ["validate", str(ckpt), str(model), "--calib", str(CALIB), "--resize", "--json"]
+    if runtime:
+        args += ["--runtime", runtime]
+    result = qconvert(*args)
+    if result.returncode not in (0, 1, 3):
+        raise SystemExit(f"validate of {ckpt} exited {result.returncode}: "
+                         f"{result.stderr.strip()}")
+    report = json.loads(result.stdout)
+    report["exit_code"] = result.returncode
+    return report
+
+
+def _pair(d: dict) -> str:
+    return f"{d['max_abs_diff']:.3g} / {d['mean_abs_diff']:.2g}"
+
+
+def row(name: str, r: dict) -> str:
+    ref = r["referee"]
+    variant = next(v for k, v in ref.items() if k.startswith("torch ("))
+    mismatches = sum(layer["op_mismatches"] + layer["weight_mismatches"]
+                     for layer in r["layers"])
+    return (f"| {name} | {_pair(ref['torch'])} | {_pair(variant)} | {_pair(ref['onnx'])} | "
+            f"{mismatches} | {r['verdict']} (exit {r['exit_code']}) |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoints", nargs="*", type=Path)
+    parser.add_argument("--runtime", choices=["native", "function", "reference"])
+    args = parser.parse_args()
+    ckpts = args.checkpoints or sorted(p for p in (ROOT / "models" / "checkpoints").glob("*.pt")
+                                       if not p.stem.endswith("-float"))
+    print("| checkpoint | PyTorch fp32 vs fp64, max / mean | PyTorch fp32 (reference convs) "
+          "vs fp64 | ONNX vs fp64 | op mismatches | `qconvert validate` |")
+    print("|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for ckpt in ckpts:
+            print(row(ckpt.stem, measure(ckpt, Path(tmp), args.runtime)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
