@@ -6,8 +6,9 @@ Default checkpoints: every models/checkpoints/*.pt except the *-float ones. Each
 exported with ``qconvert export`` and checked with ``qconvert validate --calib
 models/data/digits_calib.npz --resize --json`` at default thresholds; the table shows, per
 checkpoint, max / mean |diff| to the float64 referee for PyTorch float32 (default and
-reference convolutions) and for the ONNX model, the op-level mismatches, and the
-verdict and exit code validate printed.
+reference convolutions) and for the ONNX model, the ONNX mean over the larger PyTorch
+mean, top-1 disagreements with the referee, the op-level mismatches (per-layer pass on
+the first 64 samples), and the verdict and exit code validate printed.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ CLI = [sys.executable, "-c", "import sys; sys.argv[0] = 'qconvert'; "
 
 
 def qconvert(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path)
     return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, cwd=ROOT)
 
 
@@ -57,8 +59,13 @@ def row(name: str, r: dict) -> str:
     variant = next(v for k, v in ref.items() if k.startswith("torch ("))
     mismatches = sum(layer["op_mismatches"] + layer["weight_mismatches"]
                      for layer in r["layers"])
+    envelope = max(ref["torch"]["mean_abs_diff"], variant["mean_abs_diff"])
+    ratio = ref["onnx"]["mean_abs_diff"] / envelope if envelope else float("nan")
+    disagreements = "/".join(str(d["top1_disagreements"])
+                             for d in (ref["torch"], variant, ref["onnx"]))
     return (f"| {name} | {_pair(ref['torch'])} | {_pair(variant)} | {_pair(ref['onnx'])} | "
-            f"{mismatches} | {r['verdict']} (exit {r['exit_code']}) |")
+            f"{ratio:.2f} | {disagreements} | {mismatches} | {r['verdict']} "
+            f"(exit {r['exit_code']}) |")
 
 
 def main() -> None:
@@ -69,8 +76,9 @@ def main() -> None:
     ckpts = args.checkpoints or sorted(p for p in (ROOT / "models" / "checkpoints").glob("*.pt")
                                        if not p.stem.endswith("-float"))
     print("| checkpoint | PyTorch fp32 vs fp64, max / mean | PyTorch fp32 (reference convs) "
-          "vs fp64 | ONNX vs fp64 | op mismatches | `qconvert validate` |")
-    print("|---|---|---|---|---|---|")
+          "vs fp64 | ONNX vs fp64 | ONNX mean / float32 envelope | top-1 disagreements "
+          "(fp32 / ref. convs / ONNX) | op mismatches | `qconvert validate` |")
+    print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for ckpt in ckpts:
             print(row(ckpt.stem, measure(ckpt, Path(tmp), args.runtime)), flush=True)

@@ -84,6 +84,17 @@ class Distance:
 
 
 @dataclass
+class OutputReport:
+    """One model output: its distances, class metrics when it holds class logits."""
+
+    index: int
+    shape: list[int]  # per sample
+    kind: str  # "class logits" ([N, C], C > 1) or "values" (maps, regressions, scalars)
+    onnx_vs_torch: Distance
+    referee: dict[str, Distance] = field(default_factory=dict)
+
+
+@dataclass
 class LayerReport:
     name: str
     act_kind: str
@@ -119,6 +130,7 @@ class Report:
     torch_accuracy: float | None
     onnx_accuracy: float | None
     output_shapes: list[list[int]] = field(default_factory=list)  # per sample
+    outputs: list[OutputReport] = field(default_factory=list)
     referee: dict[str, Distance] = field(default_factory=dict)  # "torch", "onnx"
     integer: bool = False
     zero_quantizers: list[str] = field(default_factory=list)  # all-zero output on the data
@@ -409,9 +421,11 @@ def validate(
         if watch is not None:
             watch.close()
     t, o = np.concatenate(torch_rows), np.concatenate(onnx_rows)
-    classes = len(shapes) == 1 and len(shapes[0]) == 1 and shapes[0][0] > 1
+    classes = len(shapes) == 1 and is_class_logits(shapes[0])
     report = _summary(t, o, data.y, session.runtime, classes)
     report.output_shapes = shapes
+    report.outputs = _per_output(shapes, t, o, np.concatenate(referee_rows) if referee_rows
+                                 else None, {k: np.concatenate(v) for k, v in variant_rows.items()})
     report.integer = is_integer_model(model)
     if twin is not None:
         r = np.concatenate(referee_rows)
@@ -451,6 +465,28 @@ def _per_layer(ckpt, model, data, make_session, batch_size, limit, twin):
         captures.close()
         referee_captures.close()
     return checker.finish(), samples
+
+
+def is_class_logits(shape: list[int]) -> bool:
+    return len(shape) == 1 and shape[0] > 1
+
+
+def _per_output(shapes, t, o, r, variants) -> list[OutputReport]:
+    """Split the per-sample matrices back into the model's outputs."""
+    reports, start = [], 0
+    for index, shape in enumerate(shapes):
+        cols = slice(start, start + int(np.prod(shape, dtype=np.int64)))
+        start = cols.stop
+        classes = is_class_logits(shape)
+        out = OutputReport(index, shape, "class logits" if classes else "values",
+                           distance(o[:, cols], t[:, cols], classes))
+        if r is not None:
+            out.referee["torch"] = distance(t[:, cols], r[:, cols], classes)
+            for name, rows in variants.items():
+                out.referee[f"torch ({name})"] = distance(rows[:, cols], r[:, cols], classes)
+            out.referee["onnx"] = distance(o[:, cols], r[:, cols], classes)
+        reports.append(out)
+    return reports
 
 
 def distance(a: np.ndarray, b: np.ndarray, classes: bool) -> Distance:

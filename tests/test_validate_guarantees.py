@@ -213,12 +213,14 @@ def test_torch_log_lines_do_not_leak_from_a_failed_export(tmp_path):
     from .test_hostile import _checkpoint
 
     root = Path(__file__).resolve().parent.parent
+    pythonpath = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     ckpt = _checkpoint(tmp_path, "tests.hostile_arch:data_dependent")
     result = subprocess.run(
         [sys.executable, "-c", "import sys; sys.argv[0] = 'qconvert'; "
          "from qconvert.cli import main; main()", "export", ckpt, "--out",
          str(tmp_path / "m.onnx")],
-        capture_output=True, text=True, cwd=root, env=dict(os.environ, PYTHONPATH=str(root)))
+        capture_output=True, text=True, cwd=root,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), *pythonpath])))
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines()
              if line.strip() and line.strip() != "folding layers"]

@@ -48,3 +48,10 @@ def test_any_output_structure_validates(tmp_path, name, shapes, classes):
     assert (report["top1_agreement"] is not None) == classes
     assert report["referee"]["onnx"]["mean_abs_diff"] >= 0
     assert all(layer["op_mismatches"] == 0 for layer in report["layers"])
+    assert [o["shape"] for o in report["outputs"]] == shapes
+    for out in report["outputs"]:
+        logits = len(out["shape"]) == 1
+        assert out["kind"] == ("class logits" if logits else "values")
+        assert (out["referee"]["onnx"]["top1_agreement"] is not None) == logits
+    if name == "two_heads":  # the logits among the outputs get their own top-1 check
+        assert "referee_top1" in {c["name"] for c in report["checks"]}
