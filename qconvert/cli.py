@@ -256,6 +256,10 @@ def _print_report(r, echo=click.echo) -> None:
              f"{_pct(d.top1_agreement)}")
     if r.torch_accuracy is not None:
         echo(f"accuracy: PyTorch {_pct(r.torch_accuracy)}  ONNX {_pct(r.onnx_accuracy)}")
+    if r.level_flips:
+        f = r.level_flips
+        echo(f"quantizer outputs on another level than the referee's ({r.per_layer_samples} "
+             f"samples): PyTorch fp32 {f['torch']}, ONNX {f['onnx']} of {f['elements']}")
     if r.layers:
         _print_layers(r, echo)
     for check in r.checks:

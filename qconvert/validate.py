@@ -136,6 +136,8 @@ class Report:
     zero_quantizers: list[str] = field(default_factory=list)  # all-zero output on the data
     degenerate: list[str] = field(default_factory=list)
     per_layer_samples: int = 0
+    # quantizer outputs (per-layer pass) on another level than the referee's, and of how many
+    level_flips: dict[str, int] = field(default_factory=dict)
     passed: bool = False
     verdict: str = ""  # PASS, FAIL or INCONCLUSIVE (set by verdict.judge)
     checks: list[dict] = field(default_factory=list)
@@ -439,6 +441,10 @@ def validate(
         limit = None if per_layer else PER_LAYER_SUBSET
         report.layers, report.per_layer_samples = _per_layer(
             ckpt, model, data, make_session, batch_size, limit, twin)
+        report.level_flips = {
+            "torch": sum(layer.torch_level_flips for layer in report.layers),
+            "onnx": sum(layer.onnx_level_flips for layer in report.layers),
+            "elements": sum(layer.level_elements for layer in report.layers)}
     return report
 
 

@@ -66,6 +66,8 @@ def test_end_to_end_figures_come_from_the_file_as_deployed(zoo, calib_npz):
     report = val.validate(ckpt, model, data, make_session, per_layer=True)
     assert model.SerializeToString() in built  # a session on the file exactly as it is
     assert len(report.layers) == 4 and report.per_layer_samples == 48
+    assert report.level_flips["elements"] == sum(layer.level_elements for layer in report.layers)
+    assert report.level_flips["elements"] > 0
     bare = session(model, "function", announce=None)
     x = prepare_inputs(data.x, case.shape, MEAN, STD)
     with torch.no_grad():
