@@ -37,14 +37,25 @@ class ExportResult:
     file_bytes: int
 
 
+@contextlib.contextmanager
+def _torch_logs_silenced():
+    """torch.export logs through handlers bound to the real stderr (``E1127 ... is
+    unsupported``); qconvert reports the failure itself, in one line."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
 def _torch_export(deploy: torch.nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
     batch = torch.export.Dim("batch", min=1)
     # The exporter is chatty (warnings, progress prints, graph dumps on failure); qconvert
     # shows its own summary and a one-line error.
     with (warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()),
-          contextlib.redirect_stderr(io.StringIO())):
+          contextlib.redirect_stderr(io.StringIO()), _torch_logs_silenced()):
         warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         try:
             program = torch.onnx.export(
                 deploy, (example,), dynamo=True, opset_version=opset,
@@ -197,6 +208,7 @@ def write_atomically(model: onnx.ModelProto, out: Path, force: bool) -> int:
     check_output_path(out, force)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # what a plain open() would give, not mkstemp's 0600
         with os.fdopen(fd, "wb") as f:
             f.write(model.SerializeToString())
         os.replace(tmp, out)
@@ -204,6 +216,12 @@ def write_atomically(model: onnx.ModelProto, out: Path, force: bool) -> int:
         Path(tmp).unlink(missing_ok=True)
         raise
     return out.stat().st_size
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it
+    os.umask(mask)
+    return mask
 
 
 OuterBits = int | Callable[[onnx.ModelProto], int] | None

@@ -81,6 +81,8 @@ class Quantizer(nn.Module):
     init state live in buffers, so checkpoints carry them.
     """
 
+    calls = 0  # forward passes since the last reset; validation checks every quantizer ran
+
     def __init__(self, bits: int, signed: bool | None, is_weight: bool = False) -> None:
         super().__init__()
         self.bits = check_bits(bits)
@@ -100,6 +102,7 @@ class Quantizer(nn.Module):
         return int_range(self.bits, self.signed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
         if not bool(self.initialized):
             if not self.training:
                 raise RuntimeError(

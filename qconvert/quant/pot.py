@@ -19,7 +19,7 @@ from .base import Quantizer, abs_quantile, grad_scale, lsq_grad_scale
 SQRT_HALF = np.float32(math.sqrt(0.5))
 
 
-def magnitude_table(bits: int, root: int) -> torch.Tensor:
+def magnitude_table(bits: int, root: int, dtype: type = np.float32) -> torch.Tensor:
     """``mag[e]`` for exponents e = 0..M-1: 2^-e (root 1) or 2^-(e//2) * (e odd ? sqrt(1/2) : 1).
 
     Built by exact power-of-two scaling of float32 constants, as the native
@@ -30,15 +30,16 @@ def magnitude_table(bits: int, root: int) -> torch.Tensor:
     top = 2 ** (bits - 1) - 1
     e = np.arange(top)
     if root == 1:
-        mags = np.ldexp(np.float32(1), -e)
-    else:
-        mags = np.ldexp(np.where(e % 2 == 1, SQRT_HALF, np.float32(1)), -(e // 2))
-    return torch.from_numpy(mags.astype(np.float32))
+        mags = np.ldexp(dtype(1), -e)
+    else:  # float64 (the validation referee): sqrt(1/2) to double precision
+        mags = np.ldexp(np.where(e % 2 == 1, dtype(math.sqrt(0.5)), dtype(1)), -(e // 2))
+    return torch.from_numpy(mags.astype(dtype))
 
 
-def magnitude_levels(bits: int, root: int) -> torch.Tensor:
+def magnitude_levels(bits: int, root: int, dtype: type = np.float32) -> torch.Tensor:
     """Magnitude by code m = 0..M, ascending: 0, base^-(M-1), ..., 1."""
-    return torch.cat([torch.zeros(1), magnitude_table(bits, root).flip(0)])
+    table = magnitude_table(bits, root, dtype)
+    return torch.cat([torch.zeros(1, dtype=table.dtype), table.flip(0)])
 
 
 def nearest_code(v: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
