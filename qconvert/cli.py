@@ -89,6 +89,8 @@ def export(checkpoint: Path, out: Path, opset: int, no_functions: bool, force: b
     write_atomically(model, out, force)
     seconds = time.perf_counter() - started
     info = inspect_model(out)
+    for line in ckpt.coverage.lines() if ckpt.coverage else ():
+        click.echo(line)
     click.echo(f"{'layer':<28} {'weight':<10} {'act':<10} {'params':>8}")
     for layer in layers:
         click.echo(f"{layer.name:<28} {layer.weight_kind + ' ' + str(layer.weight_bits):<10} "
@@ -164,7 +166,8 @@ def validate(checkpoint: Path, model: Path, calib: Path | None, synthetic: int |
     ckpt = load_checkpoint(checkpoint, allow_pickle=allow_pickle)
     onnx_model = load_model(model)
     _check_provenance(ckpt, onnx_model, model, strict)
-    data = (calib_data.synthetic(synthetic, ckpt.input.shape) if synthetic is not None
+    data = (calib_data.synthetic(synthetic, ckpt.input.shape,
+                                 vocab_size=ckpt.input.vocab_size) if synthetic is not None
             else calib_data.load_calibration(calib, ckpt.input.shape))
     runtime = runtime or default_runtime()
     click.echo(f"runtime: {runtime}; data: {data.source}, {len(data.x)} samples")

@@ -225,7 +225,7 @@ def validate(
     try:
         for start in range(0, len(data.x), batch_size):
             x = prepare_inputs(data.x[start:start + batch_size], ckpt.input.shape,
-                               ckpt.input.mean, ckpt.input.std)
+                               ckpt.input.mean, ckpt.input.std, ckpt.input.vocab_size)
             with torch.no_grad():
                 torch_out = ckpt.model(x).numpy()
             extra = checker.extra_outputs if checker else []

@@ -156,7 +156,7 @@ def build_onnx(ckpt: Checkpoint, opset: int = 20, with_functions: bool = True,
         raise QConvertError(f"opset {opset} is outside the range the qconvert ops allow "
                             f"({MIN_OPSET}..{MAX_OPSET}); pick one in range with --opset")
     deploy, layers = to_deploy(ckpt.model, progress=progress)
-    example = torch.zeros((2, *ckpt.input.shape))
+    example = torch.zeros((2, *ckpt.input.shape), dtype=ckpt.input.torch_dtype)  # ids: 0
     model = _torch_export(deploy, example, opset)
     values = _name_layer_outputs(model, layers)
     for index, node in enumerate(model.graph.node):  # short names, recorded below
