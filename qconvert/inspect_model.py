@@ -89,7 +89,8 @@ def _compute_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
         for n in nodes if n.output[0] not in existing)
     shape = json.loads(_meta(model).get("qconvert_input", '{"shape": []}'))["shape"]
     sess = session(probe, announce=None)
-    values = sess.run({INPUT_NAME: np.zeros((1, *shape), np.float32)}, outputs)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(model.graph.input[0].type.tensor_type.elem_type)
+    values = sess.run({INPUT_NAME: np.zeros((1, *shape), dtype)}, outputs)
     return {name: tuple(v.shape) for name, v in zip(outputs, values, strict=True)}
 
 
@@ -135,6 +136,10 @@ def inspect_model(path: str | Path) -> Inspection:
         weight = node.input[1]
         while weight in producers and producers[weight].op_type in WEIGHT_PASS_THROUGH:
             weight = producers[weight].input[0]  # integer mode: back to the decode
+        decoded = weight in producers and any(a.name == "shape"
+                                              for a in producers[weight].attribute)
+        if weight not in inits and not decoded:
+            continue  # two activations (attention scores): no weight, not counted
         weight_shape = (tuple(inits[weight].dims) if weight in inits
                         else tuple(a.ints for a in producers[weight].attribute
                                    if a.name == "shape")[0])

@@ -249,6 +249,7 @@ def validate(
 
 
 def _summary(t: np.ndarray, o: np.ndarray, labels: np.ndarray | None, runtime: str) -> Report:
+    t, o = t.reshape(len(t), -1), o.reshape(len(o), -1)  # [N, ...] outputs (images) as rows
     nan_rows = np.isnan(t).any(axis=1) | np.isnan(o).any(axis=1)
     finite = ~nan_rows
     diff = np.abs(t[finite].astype(np.float64) - o[finite])
