@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from torch import nn
 
 from .asq import ASQQuantizer
-from .attention import split_attention
+from .attention import SplitMultiheadAttention, split_attention
 from .base import Quantizer, check_bits
 from .coverage import layer_coverage, quantized_twin
 from .lcq import LCQQuantizer
@@ -128,7 +128,8 @@ def scheme_layer_specs(
 ) -> dict[str, LayerSpec | None]:
     """Resolve a scheme to one spec per layer (None leaves a layer in float).
 
-    First conv and last linear (registration order) get uniform LSQ at
+    The first and last quantizable layers (registration order; a first attention's query,
+    key and value projections together) get uniform LSQ at
     ``first_last_bits``, the first with a signed input quantizer, as in the
     papers' setups; ``first_last_bits=None`` treats them like the others.
     ``overrides`` maps a layer name to None (keep float) or to a dict with
@@ -140,6 +141,7 @@ def scheme_layer_specs(
     recipe = SCHEMES[scheme]
     split_attention(model)
     names = quantizable_layers(model)
+    first_group = _first_layers(model, names)
     overrides = dict(overrides or {})
     unknown = set(overrides) - set(names)
     if unknown:
@@ -151,7 +153,7 @@ def scheme_layer_specs(
                              **recipe.weight_options),
             act=QuantSpec(recipe.act, act_bits),
         )
-        is_first, is_last = name == names[0], name == names[-1]
+        is_first, is_last = name in first_group, name == names[-1]
         if first_last_bits is not None and (is_first or is_last):
             spec = LayerSpec(
                 weight=QuantSpec("lsq", first_last_bits, per_channel=per_channel),
@@ -182,7 +184,20 @@ def first_last_rule_layers(model: nn.Module, first_last_bits: int | None,
     names = quantizable_layers(model)
     if first_last_bits is None or not names:
         return set()
-    return {names[0], names[-1]} - set(overrides or {})
+    return (_first_layers(model, names) | {names[-1]}) - set(overrides or {})
+
+
+def _first_layers(model: nn.Module, names: list[str]) -> set[str]:
+    """The first layer; when that is an attention's query projection, also its key and
+    value projections, which read the same input."""
+    if not names:
+        return set()
+    parent_name, _, child = names[0].rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, SplitMultiheadAttention) and child == "q_proj":
+        prefix = f"{parent_name}." if parent_name else ""
+        return {prefix + p for p in ("q_proj", "k_proj", "v_proj")}
+    return {names[0]}
 
 
 def apply_layer_specs(model: nn.Module, specs: Mapping[str, LayerSpec | None]) -> nn.Module:
