@@ -13,13 +13,16 @@ import json
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from onnx import numpy_helper
 from torch import nn
 
 from qconvert.checkpoint import load_checkpoint, save_checkpoint
 from qconvert.export.deploy import to_deploy
+from qconvert.ops import DOMAIN
 from qconvert.quant import QUANTIZED_LAYERS, quantize_model
 
 from .conftest import invoke
@@ -280,6 +283,7 @@ def test_round_trip(key, scheme, tmp_path):
     result = invoke(["export", path, "--out", out])
     assert result.exit_code == 0, result.output + result.stderr
     assert "coverage:" in result.output
+    _check_graph(onnx.load(str(out)).graph, model, attention=key in ("vit", "text"))
     report_path = tmp_path / "report.json"
     result = invoke(["validate", path, out, "--synthetic", "16", "--per-layer",
                      "--report", report_path])
@@ -293,6 +297,65 @@ def test_round_trip(key, scheme, tmp_path):
         assert report["top1_agreement"] == 1.0, result.output
     else:
         assert report["sqnr_db"] is None or report["sqnr_db"] > 30, result.output
+
+
+class _AttentionBlock(nn.Module):
+    """Self-attention on [N, T, C] tokens, then a Linear on the tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.fc(self.attn(x, x, x, need_weights=False)[0])
+
+
+LAYER_KINDS = {
+    "conv1d": (lambda: nn.Sequential(nn.Conv1d(4, 8, 3, 2, 1), nn.Conv1d(8, 4, 1)), (4, 4, 11)),
+    "conv_transpose2d": (lambda: nn.Sequential(nn.ConvTranspose2d(4, 8, 3, 2, 1, 1),
+                                               nn.ConvTranspose2d(8, 2, 2, 2, groups=2)),
+                         (4, 4, 5, 5)),
+    "linear_tokens": (lambda: nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)),
+                      (4, 6, 16)),
+    "attention": (_AttentionBlock, (4, 6, 16)),
+}
+
+
+@pytest.mark.parametrize("scheme", ["lsq", "lcq", "asq-lsq", "asq-post", "pot", "post"])
+@pytest.mark.parametrize("kind", list(LAYER_KINDS))
+def test_deploy_form_of_each_layer_kind_is_bit_exact(kind, scheme):
+    """The deploy form (packed weights + decode ops, activation ops) computes exactly what
+    the QAT layers compute, for every scheme and each new layer kind."""
+    build, shape = LAYER_KINDS[kind]
+    torch.manual_seed(0)
+    model = quantize_model(build(), scheme, 4, 4, first_last_bits=None)
+    gen = torch.Generator().manual_seed(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(2):
+        model.train()(torch.randn(shape, generator=gen)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    deploy, layers = to_deploy(model.eval())
+    assert len(layers) == sum(isinstance(m, QUANTIZED_LAYERS) for m in model.modules())
+    x = torch.randn(shape, generator=gen)
+    with torch.no_grad():
+        assert torch.equal(deploy(x), model(x))
+
+
+def _check_graph(graph: onnx.GraphProto, model: nn.Module, attention: bool) -> None:
+    """Standard ONNX ops plus qconvert ops only, attention as MatMul / Softmax, and no float
+    copy of any quantized weight."""
+    assert {n.domain for n in graph.node} <= {"", DOMAIN}
+    if attention:
+        assert {"MatMul", "Softmax"} <= {n.op_type for n in graph.node}
+    floats = [numpy_helper.to_array(i) for i in graph.initializer
+              if i.data_type == onnx.TensorProto.FLOAT]
+    for module in model.modules():
+        if isinstance(module, QUANTIZED_LAYERS):
+            weight = module.weight.detach().numpy()
+            assert not any(f.shape == weight.shape and np.array_equal(f, weight)
+                           for f in floats)
 
 
 # expected Conv/Linear-like layer counts: everything is quantized, the first and last by the
