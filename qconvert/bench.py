@@ -243,7 +243,7 @@ def format_table(result: BenchResult) -> str:
 
 
 def format_markdown(result: BenchResult) -> str:
-    """The same table as markdown, ratios first, with the issue's targets marked."""
+    """The same table as markdown, ratios first, with the project's targets marked."""
     rows = result.candidates
     fp32 = next(r for r in rows if r["name"].startswith("FP32"))
     eager = next(r for r in rows if r["name"].startswith("PyTorch"))

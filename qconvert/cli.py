@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
 import sys
 import time
@@ -67,63 +68,88 @@ def _human(n: float) -> str:
 @click.option("--allow-pickle", is_flag=True,
               help="Also load checkpoints holding pickled objects. Unpickling RUNS CODE from "
                    "the file: only for files you trust.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@click.option("--report", type=click.Path(path_type=Path), help="Also write it as JSON.")
 @_errors_to_exit_codes
 def export(checkpoint: Path, out: Path, opset: int, no_functions: bool, force: bool,
            mode: str, outer_bits: str, calib: Path | None, min_agreement: float,
-           allow_pickle: bool) -> None:
+           allow_pickle: bool, as_json: bool, report: Path | None) -> None:
     """Export CHECKPOINT to an ONNX model with qconvert ops and packed low-bit weights."""
     from .checkpoint import load_checkpoint
-    from .export.onnx_export import build_onnx, check_output_path, write_atomically
+    from .export.onnx_export import check_output_path, export_checkpoint
     from .inspect_model import inspect_model
 
     check_output_path(out, force)
+    if report is not None and not report.parent.is_dir():
+        raise QConvertError(f"{report.parent}: no such directory for {report.name}")
     if mode == "integer" and outer_bits == "auto" and calib is None:
         raise QConvertError("--outer-bits auto needs --calib DATA to measure agreement on")
     started = time.perf_counter()
     ckpt = load_checkpoint(checkpoint, allow_pickle=allow_pickle)
     count = sum(1 for _ in ckpt.layer_specs)
+    integer = _outer_bits(ckpt, outer_bits, calib, min_agreement) if mode == "integer" else None
     with click.progressbar(length=count, label="folding layers", file=sys.stderr) as bar:
-        model, layers = build_onnx(ckpt, opset, not no_functions, lambda _: bar.update(1))
-    if mode == "integer":
-        model = _to_integer(model, ckpt, outer_bits, calib, min_agreement)
-    write_atomically(model, out, force)
-    seconds = time.perf_counter() - started
-    info = inspect_model(out)
+        result = export_checkpoint(ckpt, out, opset, not no_functions, force, integer,
+                                   progress=lambda _: bar.update(1))
+    summary = _export_summary(result, inspect_model(out), time.perf_counter() - started)
+    summary["coverage"] = ckpt.coverage.to_dict() if ckpt.coverage else None
+    if report:
+        _write_report(report, json.dumps(summary, indent=2))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
     for line in ckpt.coverage.lines() if ckpt.coverage else ():
         click.echo(line)
     click.echo(f"{'layer':<28} {'weight':<10} {'act':<10} {'params':>8}")
-    for layer in layers:
-        click.echo(f"{layer.name:<28} {layer.weight_kind + ' ' + str(layer.weight_bits):<10} "
-                   f"{layer.act_kind + ' ' + str(layer.act_bits):<10} {layer.params:>8}")
-    ops = ", ".join(f"{k} x{v}" for k, v in sorted(info.custom_ops.items())) or "none"
+    for layer in summary["layers"]:
+        click.echo(f"{layer['name']:<28} {layer['weight']:<10} {layer['act']:<10} "
+                   f"{layer['params']:>8}")
+    ops = ", ".join(f"{k} x{v}" for k, v in sorted(summary["qconvert_ops"].items())) or "none"
     click.echo(f"qconvert ops: {ops}")
-    click.echo(f"wrote {out}: {_human(info.file_bytes)} = "
-               f"{info.file_bytes / info.ideal_bytes:.2f}x ideal packed "
-               f"({_human(info.ideal_bytes)}), {info.file_bytes / info.fp32_bytes:.3f}x FP32 "
-               f"({_human(info.fp32_bytes)}); {seconds:.1f} s")
+    click.echo(f"wrote {out}: {_human(summary['file_bytes'])} = "
+               f"{summary['size_vs_ideal']:.2f}x ideal packed "
+               f"({_human(summary['ideal_bytes'])}), {summary['size_vs_fp32']:.3f}x FP32 "
+               f"({_human(summary['fp32_bytes'])}); {summary['seconds']:.1f} s")
 
 
-def _to_integer(model, ckpt, outer_bits: str, calib: Path | None, min_agreement: float):
-    from . import calib as calib_data
-    from .export.integer import choose_outer_bits, to_integer
-    from .runtime import session
+def _export_summary(result, info, seconds: float) -> dict:
+    return {
+        "path": str(result.path),
+        "layers": [{"name": layer.name, "weight": f"{layer.weight_kind} {layer.weight_bits}",
+                    "act": f"{layer.act_kind} {layer.act_bits}", "params": layer.params}
+                   for layer in result.layers],
+        "qconvert_ops": info.custom_ops,
+        "file_bytes": info.file_bytes, "ideal_bytes": info.ideal_bytes,
+        "fp32_bytes": info.fp32_bytes, "size_vs_ideal": info.file_bytes / info.ideal_bytes,
+        "size_vs_fp32": info.file_bytes / info.fp32_bytes, "seconds": seconds,
+    }
 
-    if outer_bits == "auto":
-        data = calib_data.load_calibration(calib, ckpt.input.shape)
-        bits, agreements = choose_outer_bits(model, ckpt, data, min_agreement,
-                                             make_session=lambda m: session(m, announce=None))
-        tried = ", ".join(f"b'={b}: {a:.2%}" for b, a in sorted(agreements.items()))
-        click.echo(f"outer bits auto: {tried} -> b'={bits}")
-    else:
+
+def _outer_bits(ckpt, outer_bits: str, calib: Path | None, min_agreement: float):
+    """Integer mode's b': a number, or (``auto``) a function that measures it on the
+    exact-mode model."""
+    if outer_bits != "auto":
         try:
             bits = int(outer_bits)
         except ValueError:
             raise QConvertError(
                 f"--outer-bits must be 2..8 or 'auto', got {outer_bits!r}") from None
-    if not 2 <= bits <= 8:
-        raise QConvertError(f"--outer-bits {bits} is outside 2..8 (ConvInteger and "
-                            "MatMulInteger take 8-bit operands)")
-    return to_integer(model, bits)
+        if not 2 <= bits <= 8:
+            raise QConvertError(f"--outer-bits {bits} is outside 2..8 (ConvInteger and "
+                                "MatMulInteger take 8-bit operands)")
+        return bits
+    from . import calib as calib_data
+    from .integer_search import choose_outer_bits
+
+    data = calib_data.load_calibration(calib, ckpt.input.shape)
+
+    def measure(exact_model) -> int:
+        bits, agreements = choose_outer_bits(exact_model, ckpt, data, min_agreement)
+        tried = ", ".join(f"b'={b}: {a:.2%}" for b, a in sorted(agreements.items()))
+        click.echo(f"outer bits auto: {tried} -> b'={bits}")
+        return bits
+
+    return measure
 
 
 @main.command()
@@ -154,6 +180,7 @@ def validate(checkpoint: Path, model: Path, calib: Path | None, synthetic: int |
              plot: Path | None, strict: bool, allow_pickle: bool) -> None:
     """Check MODEL against CHECKPOINT on calibration data; exit 1 when parity fails."""
     from . import calib as calib_data
+    from . import manifest
     from . import validate as val
     from .checkpoint import load_checkpoint
     from .runtime import default_runtime, load_model, session
@@ -171,11 +198,11 @@ def validate(checkpoint: Path, model: Path, calib: Path | None, synthetic: int |
             else calib_data.load_calibration(calib, ckpt.input.shape))
     runtime = runtime or default_runtime()
     click.echo(f"runtime: {runtime}; data: {data.source}, {len(data.x)} samples")
-    meta = {p.key: p.value for p in onnx_model.metadata_props}
-    if meta.get("qconvert_mode") == "integer" and max_abs_diff is None:
+    man = manifest.read(onnx_model)
+    if man.mode == "integer" and max_abs_diff is None:
         # Integer mode re-quantizes on purpose: judge it on agreement, not on output bits.
         max_abs_diff = math.inf
-        click.echo(f"integer model (b'={meta.get('qconvert_outer_bits')}): judged on top-1 "
+        click.echo(f"integer model (b'={man.outer_bits}): judged on top-1 "
                    "agreement; give --max-abs-diff to bound the outputs too")
     with click.progressbar(length=len(data.x), label="validating", file=sys.stderr) as bar:
         result = val.validate(ckpt, onnx_model, data,
@@ -216,9 +243,16 @@ def _db(value, layer) -> str:
     return f"{value:.1f}"
 
 
+def _write_report(path: Path, text: str) -> None:
+    if not path.parent.is_dir():
+        raise QConvertError(f"{path.parent}: no such directory for {path.name}")
+    path.write_text(text)
+
+
 def _check_provenance(ckpt, onnx_model, model_path: Path, strict: bool) -> None:
-    meta = {p.key: p.value for p in onnx_model.metadata_props}
-    recorded = meta.get("qconvert_checkpoint_sha256")
+    from . import manifest
+
+    recorded = manifest.read(onnx_model).checkpoint_sha256
     if recorded and recorded != ckpt.sha256:
         message = (f"{model_path} was exported from a different checkpoint "
                    f"(sha256 {recorded[:12]}..., this one {ckpt.sha256[:12]}...)")
@@ -259,22 +293,25 @@ def _print_report(r) -> None:
 
 @main.command("inspect")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option("--report", type=click.Path(path_type=Path), help="Also write it as JSON.")
 @_errors_to_exit_codes
-def inspect_command(model: Path, as_json: bool) -> None:
+def inspect_command(model: Path, as_json: bool, report: Path | None) -> None:
     """Ops, bits, storage and compute of an exported MODEL."""
     from .inspect_model import inspect_model
     from .runtime import load_model
 
     load_model(model)  # a clear error for a missing or unreadable file
-    info = inspect_model(model)
+    info = inspect_model(model, macs=True)
+    if report:
+        _write_report(report, info.to_json())
     if as_json:
         click.echo(info.to_json())
         return
-    click.echo(f"{'weight':<34} {'op':<10} {'bits':>4} {'params':>8} {'codes':>9} "
+    click.echo(f"{'layer':<34} {'op':<10} {'bits':>4} {'params':>8} {'codes':>9} "
                f"{'table':>7} {'MACs':>10}")
     for layer in info.layers:
-        click.echo(f"{layer.weight:<34} {layer.op:<10} {layer.bits:>4} {layer.params:>8} "
+        click.echo(f"{layer.layer:<34} {layer.op:<10} {layer.bits:>4} {layer.params:>8} "
                    f"{layer.code_bytes:>9} {layer.table_bytes:>7} {layer.macs:>10}")
     click.echo(f"qconvert ops: {info.custom_ops}")
     click.echo(f"file {info.file_bytes} B = {info.file_bytes / info.ideal_bytes:.3f}x ideal "

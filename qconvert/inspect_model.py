@@ -12,21 +12,18 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .export.onnx_export import INPUT_NAME
+from . import manifest
+from .manifest import INPUT_NAME, Manifest
 from .ops import DOMAIN
 
-DECODE_OPS = {"LutGather": "table", "Pow2Shift": "alpha"}
 COMPUTE_OPS = {"Conv", "Gemm", "MatMul", "ConvInteger", "MatMulInteger"}
-# Integer mode (qconvert.export.integer): int32 outputs; the weight reaches the op through
-# Cast (and Transpose for MatMulInteger) from the LutGather decode of shape [C, K].
 INTEGER_OPS = {"ConvInteger": "Conv", "MatMulInteger": "Gemm"}
-WEIGHT_PASS_THROUGH = {"Cast", "Transpose"}
 
 
 @dataclass
 class LayerStorage:
-    weight: str  # the decode node's output
-    op: str
+    layer: str
+    op: str  # the weight's decode op
     bits: int
     params: int
     code_bytes: int
@@ -43,9 +40,9 @@ class Inspection:
     weight_params: int
     weight_bits: int  # sum of params x bits
     lut_bytes: int
-    macs: int
     adapter_params: int
-    adapter_macs: int
+    macs: int | None  # None: not computed (inspect_model(..., macs=True) computes them)
+    adapter_macs: int | None
     metadata: dict = field(default_factory=dict)
     layers: list[LayerStorage] = field(default_factory=list)
 
@@ -54,7 +51,9 @@ class Inspection:
         return self.adapter_params / max(1, self.weight_params)
 
     @property
-    def adapter_mac_ratio(self) -> float:
+    def adapter_mac_ratio(self) -> float | None:
+        if self.macs is None:
+            return None
         return self.adapter_macs / max(1, self.macs - self.adapter_macs)
 
     def to_json(self) -> str:
@@ -71,14 +70,11 @@ def _initializer_bytes(init: onnx.TensorProto) -> int:
     return numpy_helper.to_array(init).nbytes
 
 
-def _compute_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
-    """Output shapes of Conv/Gemm/MatMul for one sample, from one run on zeros."""
-    from .runtime import session  # local: inspect works without a runtime for sizes
+def _compute_shapes(model: onnx.ModelProto, nodes: list[onnx.NodeProto],
+                    input_shape: list[int]) -> dict[str, tuple[int, ...]]:
+    """Output shapes of the given compute nodes for one sample, from one run on zeros."""
+    from .runtime import session  # local: sizes need no runtime, only MACs do
 
-    nodes = [n for n in model.graph.node if n.op_type in COMPUTE_OPS]
-    outputs = [n.output[0] for n in nodes]
-    if not outputs:
-        return {}
     existing = {o.name for o in model.graph.output}
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -87,70 +83,55 @@ def _compute_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
             n.output[0], onnx.TensorProto.INT32 if n.op_type in INTEGER_OPS
             else onnx.TensorProto.FLOAT, None)
         for n in nodes if n.output[0] not in existing)
-    shape = json.loads(_meta(model).get("qconvert_input", '{"shape": []}'))["shape"]
-    sess = session(probe, announce=None)
+    outputs = [n.output[0] for n in nodes]
     dtype = onnx.helper.tensor_dtype_to_np_dtype(model.graph.input[0].type.tensor_type.elem_type)
-    values = sess.run({INPUT_NAME: np.zeros((1, *shape), dtype)}, outputs)
+    values = session(probe, announce=None).run(
+        {INPUT_NAME: np.zeros((1, *input_shape), dtype)}, outputs)
     return {name: tuple(v.shape) for name, v in zip(outputs, values, strict=True)}
 
 
-def _meta(model: onnx.ModelProto) -> dict[str, str]:
-    return {p.key: p.value for p in model.metadata_props}
-
-
-def _macs(node: onnx.NodeProto, out_shape: tuple[int, ...], weight_shape) -> int:
-    op = INTEGER_OPS.get(node.op_type, node.op_type)
+def _macs(op_type: str, out_shape: tuple[int, ...], weight_shape: list[int]) -> int:
+    op = INTEGER_OPS.get(op_type, op_type)
     if op == "Conv":  # out elements x (Cin / groups) x kH x kW
         return math.prod(out_shape[1:]) * math.prod(weight_shape[1:])
     return math.prod(out_shape[1:]) * weight_shape[-1 if op == "MatMul" else 1]
 
 
-def inspect_model(path: str | Path) -> Inspection:
+def _storage(man: Manifest, inits: dict[str, onnx.TensorProto]) -> list[LayerStorage]:
+    """Per quantized layer: its packed codes and tables (integer mode: its integer tables)."""
+    layers = []
+    for record in man.layers:
+        weight = record.weight
+        table_bytes = (man.integer[record.name]["weight"]["lut_bytes"] if record.name in
+                       man.integer else _initializer_bytes(inits[weight.params]))
+        layers.append(LayerStorage(record.name, weight.decode, weight.bits,
+                                   math.prod(weight.shape),
+                                   _initializer_bytes(inits[weight.codes]), table_bytes))
+    return layers
+
+
+def _adapter_params(model: onnx.ModelProto, man: Manifest,
+                    inits: dict[str, onnx.TensorProto]) -> tuple[int, list[onnx.NodeProto]]:
+    """Parameters of the ASQ adapters' Conv / Gemm / MatMul nodes, and those nodes."""
+    names = {n for record in man.layers for n in record.adapter_nodes}
+    nodes = [n for n in model.graph.node if n.name in names and n.op_type in COMPUTE_OPS]
+    params = sum(math.prod(inits[i].dims) for n in nodes for i in n.input[1:3] if i in inits)
+    return params, nodes
+
+
+def inspect_model(path: str | Path, macs: bool = False) -> Inspection:
+    """Storage of an exported model; with ``macs``, also multiply-accumulates per sample
+    (one run of the model on zeros)."""
     model = onnx.load(str(path))
+    man = manifest.read(model)
     inits = {i.name: i for i in model.graph.initializer}
-    producers = {o: n for n in model.graph.node for o in n.output}
-    layers, decoded_inputs = [], set()
-    by_codes: dict[str, LayerStorage] = {}  # integer-mode POST decodes its codes twice
-    by_weight: dict[str, LayerStorage] = {}
-    for node in model.graph.node:
-        if node.domain == DOMAIN and node.op_type in DECODE_OPS:
-            table_bytes = _initializer_bytes(inits[node.input[1]])
-            if node.input[0] in by_codes:
-                layer = by_codes[node.input[0]]
-                layer.table_bytes += table_bytes
-            else:
-                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-                layer = LayerStorage(node.output[0], node.op_type, attrs["bits"],
-                                     math.prod(attrs["shape"]),
-                                     _initializer_bytes(inits[node.input[0]]), table_bytes)
-                layers.append(layer)
-                by_codes[node.input[0]] = layer
-            by_weight[node.output[0]] = layer
-            decoded_inputs.update(node.input)
-    other_bytes = sum(_initializer_bytes(i) for n, i in inits.items() if n not in decoded_inputs)
-    shapes = _compute_shapes(model)
-    macs = adapter_macs = adapter_params = 0
-    for node in model.graph.node:
-        if node.op_type not in COMPUTE_OPS:
-            continue
-        weight = node.input[1]
-        while weight in producers and producers[weight].op_type in WEIGHT_PASS_THROUGH:
-            weight = producers[weight].input[0]  # integer mode: back to the decode
-        decoded = weight in producers and any(a.name == "shape"
-                                              for a in producers[weight].attribute)
-        if weight not in inits and not decoded:
-            continue  # two activations (attention scores): no weight, not counted
-        weight_shape = (tuple(inits[weight].dims) if weight in inits
-                        else tuple(a.ints for a in producers[weight].attribute
-                                   if a.name == "shape")[0])
-        node_macs = _macs(node, shapes[node.output[0]], weight_shape)
-        macs += node_macs
-        if weight in by_weight:
-            by_weight[weight].macs += node_macs
-        elif "adapter" in weight:
-            adapter_macs += node_macs
-            adapter_params += math.prod(weight_shape) + (
-                math.prod(inits[node.input[2]].dims) if len(node.input) > 2 else 0)
+    layers = _storage(man, inits)
+    stored = {n for r in man.layers for n in (r.weight.codes, r.weight.params)}
+    other_bytes = sum(_initializer_bytes(i) for n, i in inits.items() if n not in stored)
+    adapter_params, adapter_nodes = _adapter_params(model, man, inits)
+    total_macs = adapter_macs = None
+    if macs:
+        total_macs, adapter_macs = _count_macs(model, man, layers, adapter_nodes, inits)
     weight_params = sum(layer.params for layer in layers)
     table_bytes = sum(layer.table_bytes for layer in layers)
     return Inspection(
@@ -163,9 +144,26 @@ def inspect_model(path: str | Path) -> Inspection:
         weight_bits=sum(layer.params * layer.bits for layer in layers),
         lut_bytes=table_bytes + sum(_initializer_bytes(inits[n.input[4]]) for n in model.graph.node
                                     if n.op_type == "CompandQuant" and n.input[4] in inits),
-        macs=macs, adapter_params=adapter_params, adapter_macs=adapter_macs,
-        metadata=_meta(model), layers=layers,
+        adapter_params=adapter_params, macs=total_macs, adapter_macs=adapter_macs,
+        metadata=manifest.metadata(model), layers=layers,
     )
+
+
+def _count_macs(model: onnx.ModelProto, man: Manifest, layers: list[LayerStorage],
+                adapter_nodes: list[onnx.NodeProto],
+                inits: dict[str, onnx.TensorProto]) -> tuple[int, int]:
+    """(all MACs, adapter MACs) per sample; each layer's share goes into its storage row.
+    An integer-mode POST layer runs two integer convolutions (``branches``)."""
+    by_name = {n.name: n for n in model.graph.node}
+    nodes = [by_name[r.compute_node] for r in man.layers] + adapter_nodes
+    shapes = _compute_shapes(model, nodes, man.input_shape)
+    for record, layer in zip(man.layers, layers, strict=True):
+        node = by_name[record.compute_node]
+        branches = man.integer.get(record.name, {}).get("weight", {}).get("branches", 1)
+        layer.macs = branches * _macs(node.op_type, shapes[node.output[0]], record.weight.shape)
+    adapter = sum(_macs(n.op_type, shapes[n.output[0]], list(inits[n.input[1]].dims))
+                  for n in adapter_nodes)
+    return sum(layer.macs for layer in layers) + adapter, adapter
 
 
 def _count_custom_ops(model: onnx.ModelProto) -> dict[str, int]:

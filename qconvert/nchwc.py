@@ -7,8 +7,8 @@ fusing a residual Add + ReLU into the Conv. The activation quantizers are elemen
 per-tensor (or, for AdaptiveStep, per-sample) parameters, so they compute the same values
 in any layout (the blocked tensor keeps the batch as its first dimension).
 ``spliced_session`` lets the transformer see a 1x1 ``MaxPool`` (an identity it does
-handle) in place of each quantizer that feeds only convolutions (``CompandQuant``,
-``AdaptiveStep``, or LSQ's Div -> Round -> Clip -> Mul), takes ORT's optimized graph, puts
+handle) in place of each activation quantizer (``UniformQuant``, ``CompandQuant``,
+``AdaptiveStep``) that feeds only convolutions, takes ORT's optimized graph, puts
 the quantizer back on the blocked tensor, and opens that graph without re-running the
 layout pass. Outputs are bit-identical to the plain native session (tests/test_native_rewrites.py);
 the speed-up is in docs/benchmarks.md.
@@ -20,7 +20,6 @@ which reports any error.
 
 from __future__ import annotations
 
-import math
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -29,10 +28,9 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from .export.graph import uniform_chain, with_nodes_replaced
-from .ops import DOMAIN
+from .graph import with_nodes_replaced
+from .ops import ACTIVATION_OPS, DOMAIN
 
-SPLICED_OPS = ("CompandQuant", "AdaptiveStep")
 # 1x1 MaxPool variants with distinct attributes, so that ORT's common-subexpression pass
 # does not merge two quantizers of the same tensor (a ResNet shortcut and its block).
 _VARIANTS = ({}, {"ceil_mode": 1}, {"pads": [0, 0, 0, 0]}, {"ceil_mode": 1, "pads": [0] * 4})
@@ -40,19 +38,9 @@ _NCHWC_SUFFIX = "_nchwc"  # ORT names a transformed node after its first output
 
 
 def _quantizer_units(model: onnx.ModelProto) -> list[list[onnx.NodeProto]]:
-    """The activation quantizers, each as its node chain: a CompandQuant or AdaptiveStep
-    node, or an LSQ ``Div(x, s) -> Round -> Clip -> Mul(., s)`` with scalar constants (a
-    per-channel constant would broadcast wrongly against a blocked tensor)."""
-    producers = {o: n for n in model.graph.node for o in n.output}
-    scalars = {i.name for i in model.graph.initializer if math.prod(i.dims) == 1}
-    units = []
-    for node in model.graph.node:
-        if node.domain == DOMAIN and node.op_type in SPLICED_OPS:
-            units.append([node])
-        elif (chain := uniform_chain(node, producers)) is not None and all(
-                i in scalars for n in chain for i in n.input[1:] if i):
-            units.append(chain)
-    return units
+    """The activation quantizers, one node each (a unit is a node chain, restored as one)."""
+    return [[node] for node in model.graph.node
+            if node.domain == DOMAIN and node.op_type in ACTIVATION_OPS]
 
 
 def _placeholders(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, list]]:

@@ -13,17 +13,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from . import native
 from .errors import QConvertError
-from .export.graph import uniform_chain, with_nodes_replaced
+from .export.weight_decode import fold_constant_decodes
 from .nchwc import spliced_session
-from .ops import DOMAIN, DOMAIN_VERSION, REFERENCE_OPS, adaptive_step
+from .ops import DOMAIN, REFERENCE_OPS, SUPPORTED_DOMAIN_VERSIONS
 
 RUNTIMES = ("native", "function", "reference")
-DECODE_OPS = ("LutGather", "Pow2Shift")
 
 
 class Session:
@@ -31,8 +29,8 @@ class Session:
 
     def __init__(self, model: onnx.ModelProto, runtime: str, threads: int = 0,
                  fold_weights: bool = True, rewrite: bool = True) -> None:
-        """``rewrite`` (native): fuse LSQ quantizers into AdaptiveStep and run the
-        quantizers in ORT's NCHWc layout; outputs stay bit-identical."""
+        """``rewrite`` (native): run the activation quantizers in ORT's NCHWc layout
+        (qconvert/nchwc.py); outputs stay bit-identical."""
         self.runtime = runtime
         self.input_names = [i.name for i in model.graph.input]
         self.output_names = [o.name for o in model.graph.output]
@@ -43,19 +41,32 @@ class Session:
         if runtime == "native" and fold_weights:
             model = fold_weight_decodes(model)
         rewrite = rewrite and runtime == "native"
-        if rewrite:
-            model = fuse_uniform_quantizers(model)
         spliced = spliced_session(model, lambda: _options(runtime, threads)) if rewrite else None
         self.spliced = spliced is not None  # quantizers run in ORT's NCHWc layout
         self._impl = spliced or _ort_session(model, runtime, threads)
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list:
+        _check_feeds(feeds, self.input_names)
         try:
             return self._impl.run(outputs, feeds)
         except Exception as exc:  # ORT / onnx.reference raise many types; keep the node name
             detail = " ".join(str(exc).split())[:400]
             raise QConvertError(f"the {self.runtime} runtime failed to run the model: {detail}; "
                                 "re-export it with qconvert export") from exc
+
+
+def _check_feeds(feeds, input_names: list[str]) -> None:
+    """API misuse is the caller's error, not the model's: say how to call run()."""
+    if not isinstance(feeds, dict):
+        raise QConvertError(
+            f"Session.run takes a dict of input name -> array, got {type(feeds).__name__}; "
+            f"call run({{{input_names[0]!r}: x}})" if input_names else
+            f"Session.run takes a dict of input name -> array, got {type(feeds).__name__}")
+    unknown = sorted(set(feeds) - set(input_names))
+    missing = sorted(set(input_names) - set(feeds))
+    if unknown or missing:
+        raise QConvertError(f"Session.run feeds: the model's inputs are {input_names}; "
+                            f"missing {missing}, unknown {unknown}")
 
 
 def _options(runtime: str, threads: int) -> ort.SessionOptions:
@@ -83,91 +94,14 @@ def _ort_session(model: onnx.ModelProto, runtime: str, threads: int) -> ort.Infe
 
 
 def fold_weight_decodes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Decode constant weights once, with the native kernels, into float initializers.
-
-    ORT never constant-folds custom-domain nodes, so a Conv fed by a decode kernel would
-    lose weight pre-packing and Conv+BatchNorm fusion on every inference. The file stays
-    packed; only the in-memory model holds the decoded weights.
-    """
-    constants = {i.name for i in model.graph.initializer}
-    decodes = [n for n in model.graph.node if n.domain == DOMAIN and n.op_type in DECODE_OPS
-               and all(i in constants for i in n.input)]
-    if not decodes:
-        return model
-    decode_inputs = {i for n in decodes for i in n.input}
-    probe = onnx.helper.make_model(
-        onnx.helper.make_graph(
-            decodes, "decode", [],
-            [onnx.helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, None)
-             for n in decodes],
-            [i for i in model.graph.initializer if i.name in decode_inputs]),
-        opset_imports=model.opset_import, ir_version=model.ir_version)
-    values = _ort_session(probe, "native", 0).run(None, {})
+    """For files exported before constant decodes were written foldable: the same model
+    with each constant-input ``LutGather`` / ``Pow2Shift`` in the function-only decode
+    domain (``qconvert.export.weight_decode``), so ORT folds it into a float initializer
+    at load instead of running a native kernel on every inference. Files exported now
+    already are in that form: they come back unchanged."""
     folded = onnx.ModelProto()
     folded.CopyFrom(model)
-    folded_outputs = {n.output[0] for n in decodes}
-    kept = [n for n in folded.graph.node if n.output[0] not in folded_outputs]
-    still_read = {i for n in kept for i in n.input}
-    initializers = [i for i in folded.graph.initializer if i.name in still_read]
-    initializers += [numpy_helper.from_array(v, n.output[0])
-                     for n, v in zip(decodes, values, strict=True)]
-    del folded.graph.node[:], folded.graph.initializer[:]
-    folded.graph.node.extend(kept)
-    folded.graph.initializer.extend(initializers)
-    return folded
-
-
-def fuse_uniform_quantizers(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Each exported LSQ quantizer (Div, Round, Clip, Mul: four passes over the tensor) as
-    one native AdaptiveStep with beta = 1 per sample: the same operations, since
-    ``s_a = step * 1`` is ``step`` exactly (docs/ops.md), in one pass. The ones take the
-    graph input's batch size, so only quantizers whose input has the same batch dimension
-    (by shape inference) are fused; the rest stay as they are."""
-    batch = _batch_dim(model.graph.input[0]) if len(model.graph.input) == 1 else None
-    if batch is None:
-        return model
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # a model shape inference rejects: the plain session reports it
-        return model
-    batch_of = {v.name: _batch_dim(v) for v in inferred.graph.value_info}
-    batch_of[model.graph.input[0].name] = batch
-    producers = {o: n for n in model.graph.node for o in n.output}
-    constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    ones = "qconvert_fused_beta"
-    fused: dict[int, onnx.NodeProto | None] = {}
-    for node in model.graph.node:
-        chain = uniform_chain(node, producers)
-        if chain is None or batch_of.get(chain[0].input[0]) != batch:
-            continue
-        div, _, clip, mul = chain
-        params = [constants.get(i) for i in (mul.input[1], *clip.input[1:3])]
-        if any(p is None or p.size != 1 for p in params):
-            continue
-        lo, hi = (float(p.reshape(())) for p in params[1:])
-        width = adaptive_step.width_of_range(lo, hi)
-        if width is None:
-            continue
-        fused.update({id(n): None for n in chain[:-1]})
-        fused[id(mul)] = onnx.helper.make_node(
-            "AdaptiveStep", [div.input[0], mul.input[1], ones], [mul.output[0]],
-            name=mul.name, domain=DOMAIN, bits=width[0], signed=int(width[1]))
-    if not fused:
-        return model
-    batch_size = f"{ones}_n"
-    out = with_nodes_replaced(model, fused, prepend=(
-        onnx.helper.make_node("Shape", [model.graph.input[0].name], [batch_size], end=1),
-        onnx.helper.make_node("Expand", [f"{ones}_one", batch_size], [ones])))
-    out.graph.initializer.append(numpy_helper.from_array(np.ones(1, np.float32), f"{ones}_one"))
-    return out
-
-
-def _batch_dim(value: onnx.ValueInfoProto) -> str | int | None:
-    shape = value.type.tensor_type.shape
-    if not value.type.tensor_type.HasField("shape") or not shape.dim:
-        return None
-    dim = shape.dim[0]
-    return dim.dim_param or (dim.dim_value if dim.HasField("dim_value") else None)
+    return folded if fold_constant_decodes(folded) else model
 
 
 def _missing_functions(model: onnx.ModelProto) -> list[str]:
@@ -176,13 +110,14 @@ def _missing_functions(model: onnx.ModelProto) -> list[str]:
 
 
 def _check_domain_version(model: onnx.ModelProto) -> None:
-    """Kernels and function bodies implement version 1 of the op set; a model that asks for
-    another version would run with semantics it did not ask for."""
+    """Kernels and function bodies implement versions 1 and 2 of the op set (2 added
+    UniformQuant); a model that asks for another would run with semantics it did not ask for."""
     for opset in model.opset_import:
-        if opset.domain == DOMAIN and opset.version != DOMAIN_VERSION:
+        if opset.domain == DOMAIN and opset.version not in SUPPORTED_DOMAIN_VERSIONS:
             raise QConvertError(
                 f"the model uses op set {DOMAIN} version {opset.version}; this qconvert "
-                f"implements version {DOMAIN_VERSION}: re-export it, or upgrade qconvert")
+                f"implements versions {', '.join(map(str, SUPPORTED_DOMAIN_VERSIONS))}: "
+                "re-export it, or upgrade qconvert")
 
 
 def default_runtime() -> str:

@@ -18,12 +18,13 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
+from . import manifest
 from .calib import CalibData
 from .checkpoint import Checkpoint
-from .export.deploy import quantized_layers
-from .export.graph import scope_inputs
-from .export.onnx_export import ACT_SUFFIX, OUT_SUFFIX
+from .graph import scope_inputs
+from .manifest import LayerRecord
 from .preprocess import prepare_inputs
+from .quant import quantized_layers
 from .runtime import Session
 
 ProgressFn = Callable[[int], None]
@@ -80,13 +81,13 @@ class _Captures:
     and the layer output."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.values: dict[str, torch.Tensor] = {}
+        self.values: dict[tuple[str, str], torch.Tensor] = {}  # (layer, part) -> tensor
         self.handles = []
         for name, layer in quantized_layers(model):
-            self._hook(layer.act_quant, f"{name}/act_in", f"{name}/{ACT_SUFFIX}")
-            self._hook(layer, None, f"{name}/{OUT_SUFFIX}")
+            self._hook(layer.act_quant, (name, "act_in"), (name, "act"))
+            self._hook(layer, None, (name, "out"))
             if hasattr(layer.act_quant, "adapter"):
-                self._hook(layer.act_quant.adapter, None, f"{name}/beta")
+                self._hook(layer.act_quant.adapter, None, (name, "beta"))
 
     def _hook(self, module, input_key, output_key) -> None:
         def hook(_, inputs, output):
@@ -98,13 +99,6 @@ class _Captures:
     def close(self) -> None:
         for handle in self.handles:
             handle.remove()
-
-
-def _layer_records(model: onnx.ModelProto) -> dict[str, dict]:
-    for prop in model.metadata_props:
-        if prop.key == "qconvert_layers":
-            return json.loads(prop.value)
-    return {}
 
 
 def with_extra_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -143,18 +137,19 @@ class _LayerChecker:
 
     def __init__(self, model: onnx.ModelProto, torch_model: torch.nn.Module,
                  make_session) -> None:
-        self.records = _layer_records(model)
-        integer = any(p.key == "qconvert_mode" and p.value == "integer"
-                      for p in model.metadata_props)
-        self.reports = {name: LayerReport(name, rec["act"][0], integer=integer,
-                                          merged=not rec["act_nodes"] and not integer)
-                        for name, rec in self.records.items()}
-        self.sessions = {name: make_session(quantizer_submodel(model, rec["act_nodes"]))
-                         for name, rec in self.records.items() if rec["act_nodes"]}
-        self.energy = {name: [0.0, 0.0, 0.0, 0.0] for name in self.records}
+        man = manifest.read(model)
+        integer = man.mode == "integer"
+        self.records: dict[str, LayerRecord] = {rec.name: rec for rec in man.layers}
+        self.reports = {rec.name: LayerReport(rec.name, rec.act_kind, integer=integer,
+                                              merged=rec.merged and not integer)
+                        for rec in man.layers}
+        self.sessions = {rec.name: make_session(quantizer_submodel(model, rec.act_nodes))
+                         for rec in man.layers if rec.act_nodes}
+        self.energy = {rec.name: [0.0, 0.0, 0.0, 0.0] for rec in man.layers}
         # ONNX value name -> PyTorch capture key, for the values export recorded.
-        self.watched = {value: f"{name}/{suffix}" for name, rec in self.records.items()
-                        for suffix, value in rec.get("values", {}).items()}
+        self.watched = {value: (rec.name, part) for rec in man.layers
+                        for part, value in (("act", rec.act_value), ("out", rec.out_value))
+                        if value}
         self.extra_outputs = list(self.watched)
         self._check_weights(model, torch_model, make_session)
 
@@ -162,22 +157,22 @@ class _LayerChecker:
         """Decode each weight alone in ONNX and compare with PyTorch's quantized weight."""
         layers = dict(quantized_layers(torch_model))
         for name, rec in self.records.items():
-            if not rec.get("weight_nodes") or name not in layers:
+            if not rec.weight.nodes or name not in layers:
                 continue
-            decoded = make_session(quantizer_submodel(model, rec["weight_nodes"])).run({})[0]
+            decoded = make_session(quantizer_submodel(model, rec.weight.nodes)).run({})[0]
             with torch.no_grad():
                 layer = layers[name]
                 want = layer.weight_quant(layer.weight).numpy()
             self.reports[name].weight_mismatches = (
                 _count_differences(decoded, want) if decoded.shape == want.shape else want.size)
 
-    def teacher_forced(self, captured: dict[str, torch.Tensor]) -> None:
+    def teacher_forced(self, captured: dict[tuple[str, str], torch.Tensor]) -> None:
         for name, sess in self.sessions.items():
-            feeds = {sess.input_names[0]: captured[f"{name}/act_in"].numpy()}
+            feeds = {sess.input_names[0]: captured[name, "act_in"].numpy()}
             if len(sess.input_names) > 1:  # ASQ: beta as PyTorch's adapter made it
-                feeds[sess.input_names[1]] = captured[f"{name}/beta"].numpy()
+                feeds[sess.input_names[1]] = captured[name, "beta"].numpy()
             got = sess.run(feeds)[0]
-            want = captured[f"{name}/{ACT_SUFFIX}"].numpy()
+            want = captured[name, "act"].numpy()
             report = self.reports[name]
             mismatches = _count_differences(got, want)
             report.op_mismatches += mismatches
@@ -187,10 +182,10 @@ class _LayerChecker:
                                              float(np.nanmax(np.abs(got - want))))
 
     def free_running(self, outputs: dict[str, np.ndarray],
-                     captured: dict[str, torch.Tensor]) -> None:
+                     captured: dict[tuple[str, str], torch.Tensor]) -> None:
         for value, key in self.watched.items():
-            name, suffix = key.rsplit("/", 1)
-            slot = 0 if suffix == ACT_SUFFIX else 2
+            name, part = key
+            slot = 0 if part == "act" else 2
             want = captured[key].double().numpy()
             self.energy[name][slot] += float((want**2).sum())
             self.energy[name][slot + 1] += float(((outputs[value] - want) ** 2).sum())

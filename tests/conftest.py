@@ -69,12 +69,13 @@ ALL_KEYS = DIGITS_KEYS + BIG_KEYS  # one per scheme on digits, plus the two larg
 
 # The ops each scheme must produce. First conv and last linear are LSQ-8 (LutGather weights).
 EXPECTED_OPS = {
-    "lsq": {"LutGather"},
-    "lcq": {"CompandQuant", "LutGather"},
-    "asq-lsq": {"AdaptiveStep", "LutGather"},
-    "asq-post": {"AdaptiveStep", "Pow2Shift", "LutGather"},
-    "pot": {"Pow2Shift", "LutGather"},
-    "post": {"Pow2Shift", "LutGather"},
+    # The first and last layers are LSQ at 8 bits in every scheme: UniformQuant + LutGather.
+    "lsq": {"UniformQuant", "LutGather"},
+    "lcq": {"UniformQuant", "CompandQuant", "LutGather"},
+    "asq-lsq": {"UniformQuant", "AdaptiveStep", "LutGather"},
+    "asq-post": {"UniformQuant", "AdaptiveStep", "Pow2Shift", "LutGather"},
+    "pot": {"UniformQuant", "Pow2Shift", "LutGather"},
+    "post": {"UniformQuant", "Pow2Shift", "LutGather"},
 }
 
 

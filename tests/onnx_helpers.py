@@ -8,7 +8,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
-from qconvert.ops import OPS, REFERENCE_OPS, functions
+from qconvert.ops import DOMAIN_VERSION, OPS, REFERENCE_OPS, functions
 
 
 def one_node_model(
@@ -25,7 +25,8 @@ def one_node_model(
     graph = helper.make_graph([node], op, value_infos,
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, output_shape)])
     return helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("qconvert", 1)],
+        graph, opset_imports=[helper.make_opsetid("", opset),
+                              helper.make_opsetid("qconvert", DOMAIN_VERSION)],
         functions=functions(opset) if with_functions else [],
         ir_version=10,  # what exported models carry; onnxruntime 1.21 reads up to IR 10
     )

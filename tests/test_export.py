@@ -16,10 +16,12 @@ import torch
 from onnx import numpy_helper
 
 import qconvert
-from qconvert import native
+from qconvert import manifest, native
 from qconvert.checkpoint import load_checkpoint
 from qconvert.errors import QConvertError
 from qconvert.export import onnx_export
+from qconvert.manifest import LayerRecord
+from qconvert.ops import DOMAIN_VERSION
 from qconvert.ops.packing import unpack_codes_np
 from qconvert.quant import LCQQuantizer, LSQQuantizer, PowerQuantizer
 from qconvert.runtime import session
@@ -60,9 +62,9 @@ def keys_without_boundary(keys):
 
 
 DOMAIN = "qconvert"
-ACT_OPS = {"CompandQuant", "AdaptiveStep"}
+ACT_OPS = {"UniformQuant", "CompandQuant", "AdaptiveStep"}
 DECODE_OPS = {"LutGather", "Pow2Shift"}
-MIXED_OPS = {"CompandQuant", "AdaptiveStep", "LutGather", "Pow2Shift"}
+MIXED_OPS = ACT_OPS | DECODE_OPS
 
 
 def custom_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -77,9 +79,8 @@ def default_opset(model: onnx.ModelProto) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def layer_records(model: onnx.ModelProto) -> dict:
-    meta = {p.key: p.value for p in model.metadata_props}
-    return json.loads(meta["qconvert_layers"])
+def layer_records(model: onnx.ModelProto) -> dict[str, LayerRecord]:
+    return {record.name: record for record in manifest.read(model).layers}
 
 
 _OUTPUTS: dict = {}
@@ -110,35 +111,44 @@ def test_graph_has_expected_qconvert_ops(zoo, key):
     layers = quantized_layers(case.model)
     inner = layers[1:-1]  # first conv / last linear are LSQ-8 in every scheme
     counts = Counter(n.op_type for n in nodes)
-    # one weight decode per quantized layer, one activation op per inner layer
+    # one weight decode per quantized layer, one activation op per inner layer (a quantizer
+    # the exporter merged with an identical twin has none of its own)
+    unmerged = {name for name, record in layer_records(model).items() if not record.merged}
     assert counts["LutGather"] + counts["Pow2Shift"] == len(layers)
     assert counts["CompandQuant"] + counts["AdaptiveStep"] == (
-        len(inner) if case.scheme in ("lcq", "asq-lsq", "asq-post") else 0)
+        len(unmerged & {name for name, _ in inner})
+        if case.scheme in ("lcq", "asq-lsq", "asq-post") else 0)
+    assert sum(counts[op] for op in ACT_OPS) == len(unmerged)
+    records = layer_records(model)
+    for name, layer in layers:  # every activation op has the bits of its layer's quantizer
+        for node in (n for n in nodes if n.name in records[name].act_nodes):
+            assert attrs(node)["bits"] == layer.act_quant.bits
 
     for node in nodes:
         a = attrs(node)
         if node.op_type == "Pow2Shift":
             assert a["root"] == (1 if case.scheme == "pot" else 2)
             assert a["bits"] == 4
-        if node.op_type in ACT_OPS:
+        if node.op_type in ACT_OPS - {"UniformQuant"}:
             assert a["bits"] == 4
 
 
-def test_lsq_activations_are_standard_div_round_clip_mul(zoo):
+def test_lsq_activations_are_one_uniform_quant_op(zoo):
     case = zoo.case("digits-lsq")
     model = zoo.onnx_model("digits-lsq")
     by_name = {n.name: n for n in model.graph.node}
     records = layer_records(model)
     for name, layer in quantized_layers(case.model):
-        nodes = [by_name[n] for n in records[name]["act_nodes"]]
-        assert [n.op_type for n in nodes] == ["Div", "Round", "Clip", "Mul"], name
-        assert all(n.domain == "" for n in nodes)
+        nodes = [by_name[n] for n in records[name].act_nodes]
+        assert [(n.domain, n.op_type) for n in nodes] == [(DOMAIN, "UniformQuant")], name
+        assert attrs(nodes[0]) == {"bits": layer.act_quant.bits,
+                                   "signed": int(layer.act_quant.signed)}
         # the step is an initializer holding the QAT step exactly
         inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
         step = layer.act_quant.step.detach().numpy()
         assert any(i in inits and np.array_equal(inits[i].reshape(-1), step)
                    for i in nodes[0].input)
-    assert {n.op_type for n in custom_nodes(model)} == {"LutGather"}
+    assert {n.op_type for n in custom_nodes(model)} == {"UniformQuant", "LutGather"}
 
 
 @pytest.mark.parametrize("key", ALL_KEYS)
@@ -150,7 +160,7 @@ def test_checker_and_model_local_functions(zoo, key):
     assert len(model.functions) == len(used)
     opset = default_opset(model)
     assert opset == 20
-    assert {(o.domain, o.version) for o in model.opset_import} >= {("qconvert", 1)}
+    assert {(o.domain, o.version) for o in model.opset_import} >= {("qconvert", DOMAIN_VERSION)}
     for function in model.functions:
         assert function.domain == DOMAIN
         fn_opsets = {o.domain: o.version for o in function.opset_import}
@@ -245,7 +255,7 @@ def test_packed_codes_match_qat_encode(zoo, key):
     assert len(decodes) == len(layers)
     for name, layer in layers:
         q, w = layer.weight_quant, layer.weight.detach()
-        codes_init = inits[f"{name}.weight.codes"]
+        codes_init = inits[layer_records(model)[name].weight.codes]
         node = decodes[codes_init.name]
         a = attrs(node)
         assert list(a["shape"]) == list(w.shape)
@@ -285,15 +295,24 @@ def test_metadata(zoo, key):
     assert meta["qconvert_checkpoint_sha256"] == digest
     assert json.loads(meta["qconvert_input"]) == {"shape": list(case.shape), "mean": [0.5],
                                                   "std": [0.25]}
-    records = json.loads(meta["qconvert_layers"])
+    records = layer_records(model)
     layers = quantized_layers(case.model)
     assert list(records) == [name for name, _ in layers]
+    kinds = {name: (r.weight_kind, r.weight_bits, r.act_kind, r.act_bits)
+             for name, r in records.items()}
     for name, layer in layers:
         spec = layer.layer_spec
-        assert records[name]["weight"] == [spec.weight.kind, layer.weight_quant.bits]
-        assert records[name]["act"] == [spec.act.kind, layer.act_quant.bits]
+        assert kinds[name] == (spec.weight.kind, layer.weight_quant.bits, spec.act.kind,
+                               layer.act_quant.bits)
     first, *_, last = layers
-    assert records[first[0]]["weight"] == ["lsq", 8] and records[last[0]]["act"] == ["lsq", 8]
+    assert kinds[first[0]][:2] == ("lsq", 8) and kinds[last[0]][2:] == ("lsq", 8)
+    produced = {o for n in model.graph.node for o in n.output} | {"output"}
+    by_name = {n.name: n for n in model.graph.node}
+    for record in records.values():  # every name the manifest gives is in the graph
+        assert {record.act_value, record.out_value} - {None} <= produced
+        assert record.weight.codes in {i.name for i in model.graph.initializer}
+        assert manifest.weight_value(record.name) in by_name[record.compute_node].input
+        assert all(n in by_name for n in record.act_nodes + record.weight.nodes)
 
 
 # ---------------------------------------------------------------- running
@@ -475,7 +494,7 @@ def test_weight_storage_close_to_ideal(zoo, key):
     for name, layer in layers:
         numel, bits = layer.weight.numel(), layer.weight_quant.bits
         assert (numel, bits) in by_params
-        node = decodes[f"{name}.weight.codes"]
+        node = decodes[layer_records(model)[name].weight.codes]
         code_bytes = inits[node.input[0]].nbytes
         table_bytes = inits[node.input[1]].nbytes
         ideal = ceil_bytes(numel, bits) + table_bytes

@@ -121,7 +121,7 @@ def test_text_output_matches_json(zoo, key):
     assert f"weight bits {info['weight_bits']}" in out
     assert f"file {info['file_bytes']} B" in out
     for entry in info["layers"]:
-        assert entry["weight"] in out
+        assert entry["layer"] in out
     if info["adapter_params"]:
         assert f"ASQ adapters: {info['adapter_params']} params" in out
     else:

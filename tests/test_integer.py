@@ -3,7 +3,6 @@ numpy emulation of the integer arithmetic, agreement with PyTorch, runtimes, fil
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -15,11 +14,13 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 import qconvert
+from qconvert import manifest
 from qconvert.archs import build_architecture
 from qconvert.calib import CalibData, load_calibration
 from qconvert.errors import QConvertError
-from qconvert.export.integer import choose_outer_bits, integer_details, lut_bytes, to_integer
+from qconvert.export.integer import integer_details, lut_bytes, to_integer
 from qconvert.export.onnx_export import build_onnx
+from qconvert.integer_search import choose_outer_bits
 from qconvert.native import library_path
 from qconvert.ops import compand_quant, lut_gather, pow2_shift
 from qconvert.quant import quantize_model
@@ -135,12 +136,12 @@ def test_integer_graph_replaces_every_quantized_layer(trained, scheme):
         if node.op_type == "Gemm":  # only the float ASQ adapters remain
             assert node.input[1] in inits and "adapter" in node.input[1]
     assert not {"Pow2Shift", "AdaptiveStep"} & set(ops)  # folded into tables / standard ops
-    meta = {p.key: p.value for p in model.metadata_props}
-    assert meta["qconvert_mode"] == "integer" and meta["qconvert_outer_bits"] == "8"
+    man = manifest.read(model)
+    assert man.mode == "integer" and man.outer_bits == 8
     details = integer_details(model)
     assert set(details) == {"features.0", "features.3", "features.7", "classifier"}
     assert lut_bytes(model) == sum(d["lut_bytes"] for d in details.values()) > 0
-    assert all(not r["act_nodes"] for r in json.loads(meta["qconvert_layers"]).values())
+    assert all(not r.act_nodes and not r.weight.nodes for r in man.layers)
     for name in ("features.0/out", "features.3/out", "features.7/out", "output"):
         assert name in {o for n in model.graph.node for o in n.output}
 
@@ -149,7 +150,7 @@ def test_integer_graph_replaces_every_quantized_layer(trained, scheme):
 def test_weights_stay_packed(trained, scheme):
     case = trained(scheme)
     exact_inits, int_inits = _inits(case.exact), _inits(case.integer(8))
-    codes = [n for n in exact_inits if n.endswith(".weight.codes")]
+    codes = [r.weight.codes for r in manifest.read(case.exact).layers]
     assert codes and all(np.array_equal(exact_inits[n], int_inits[n]) for n in codes)
     params = sum(math.prod(n.dims) for n in case.exact.graph.initializer) * 0
     for node in case.exact.graph.node:
@@ -170,7 +171,7 @@ def _layer_nodes(exact: onnx.ModelProto, layer: str):
     for node in exact.graph.node:
         if node.op_type in ("Conv", "Gemm") and node.input[1] in producers:
             decode = producers[node.input[1]]
-            if decode.input[0] == f"{layer}.weight.codes":
+            if decode.input[0] == manifest.read(exact).layer(layer).weight.codes:
                 return node, decode, producers[node.input[0]], producers
     raise AssertionError(layer)
 
@@ -223,9 +224,8 @@ def _emulate(case: Trained, layer: str, outer: int) -> tuple[np.ndarray, np.ndar
         x_name, feed_names = act.input[0], [act.input[0]]
     elif act.op_type == "AdaptiveStep":
         x_name, feed_names = act.input[0], [act.input[0], act.input[2]]
-    else:  # Mul <- Clip <- Round <- Div(x, s)
-        div = producers[producers[producers[act.input[0]].input[0]].input[0]]
-        x_name, feed_names = div.input[0], [div.input[0]]
+    else:  # UniformQuant(x, s)
+        x_name, feed_names = act.input[0], [act.input[0]]
     out_name = compute.output[0]
     probe = with_extra_outputs(model, [n for n in feed_names + [out_name]
                                        if n not in {o.name for o in model.graph.output}])
@@ -251,8 +251,9 @@ def _emulate(case: Trained, layer: str, outer: int) -> tuple[np.ndarray, np.ndar
         delta_a = s_a.reshape(-1, *[1] * (x.ndim - 1))
         codes = np.clip(np.round(x / delta_a), lo, hi)
     else:
-        clip = producers[act.input[0]]
-        lo, hi = (int(inits[i]) for i in clip.input[1:3])
+        a_attrs = _attrs(act)
+        lo, hi = ((-(1 << (a_attrs["bits"] - 1)), (1 << (a_attrs["bits"] - 1)) - 1)
+                  if a_attrs["signed"] else (0, (1 << a_attrs["bits"]) - 1))
         delta_a = np.float32(inits[act.input[1]].reshape(()))
         codes = np.clip(np.round(x / delta_a), lo, hi)
     assert detail["act"]["exact"] or act.op_type == "CompandQuant"

@@ -1,6 +1,6 @@
-"""Native-session graph rewrites: LSQ quantizers fused into AdaptiveStep
-(qconvert.runtime.fuse_uniform_quantizers) and the NCHWc splice (qconvert.nchwc). Both must
-leave every output bit-identical to the plain native session, and must not hide errors."""
+"""Native-session graph rewrites: constant weight decodes folded once and the NCHWc splice
+(qconvert.nchwc). Both must leave every output bit-identical to the plain native session,
+and must not hide errors."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from qconvert.checkpoint import load_checkpoint
 from qconvert.export.onnx_export import build_onnx
 from qconvert.native import library_path
 from qconvert.nchwc import _placeholders
-from qconvert.runtime import Session, fold_weight_decodes, fuse_uniform_quantizers
+from qconvert.runtime import Session, fold_weight_decodes
 
 CHECKPOINTS = Path(__file__).resolve().parent.parent / "models" / "checkpoints"
 pytestmark = pytest.mark.skipif(library_path() is None, reason="native library not built")
@@ -68,8 +68,8 @@ def test_spliced_session_is_bit_identical(scheme):
 
 
 def test_every_conv_quantizer_gets_a_distinct_stand_in():
-    """ResNet-20 LCQ: 20 CompandQuant and the first layer's 8-bit LSQ (Div, Round, Clip,
-    Mul) feed convolutions (the classifier's LSQ feeds a Gemm); a downsampling block
+    """ResNet-20 LCQ: 20 CompandQuant and the first layer's 8-bit UniformQuant feed
+    convolutions (the classifier's UniformQuant feeds a Gemm); a downsampling block
     quantizes its input twice (conv1 and the shortcut), which must not collapse into one."""
     model = fold_weight_decodes(build_onnx(_resnet20("lcq-w4a4"))[0])
     quantizers = [n for n in model.graph.node if n.op_type == "CompandQuant"]
@@ -83,7 +83,7 @@ def test_every_conv_quantizer_gets_a_distinct_stand_in():
     shared = [v for v in by_input.values() if len(v) > 1]
     assert shared and all(len({repr(a) for a in v}) == len(v) for v in shared)
     left = {n.op_type for n in stand_in.graph.node}
-    assert "CompandQuant" not in left and "Round" in left  # the classifier's LSQ stays
+    assert "CompandQuant" not in left and "UniformQuant" in left  # the classifier's stays
 
 
 def test_quantizer_before_a_linear_layer_is_not_spliced():
@@ -105,45 +105,15 @@ def test_bad_quantizer_parameters_still_fail_with_the_node_name():
             {"input": np.zeros((1, 1, 16, 16), np.float32)})
 
 
-@pytest.mark.parametrize("step_shape", [(), (4, 1, 1)])
-def test_only_scalar_lsq_chains_are_spliced(step_shape):
-    """Div -> Round -> Clip -> Mul before a Conv is spliced only with scalar constants: a
-    per-channel step would broadcast against the wrong axis of a blocked tensor."""
-    helper = onnx.helper
-    inits = [numpy_helper.from_array(np.full(step_shape, 0.1, np.float32), "s"),
-             numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
-             numpy_helper.from_array(np.array(15.0, np.float32), "hi"),
-             numpy_helper.from_array(np.ones((4, 4, 3, 3), np.float32), "w")]
-    nodes = [helper.make_node("Div", ["x", "s"], ["d"]), helper.make_node("Round", ["d"], ["r"]),
-             helper.make_node("Clip", ["r", "lo", "hi"], ["c"]),
-             helper.make_node("Mul", ["c", "s"], ["q"]),
-             helper.make_node("Conv", ["q", "w"], ["y"], pads=[1, 1, 1, 1])]
-    graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 8, 8])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
-    _, saved = _placeholders(model)
-    assert len(saved) == (1 if step_shape == () else 0)
-    x = np.random.default_rng(0).random((1, 4, 8, 8), dtype=np.float32)
-    spliced, plain = _sessions(model)
-    assert spliced.spliced == (step_shape == ())
-    np.testing.assert_array_equal(spliced.run({"x": x})[0], plain.run({"x": x})[0])
-
-
-def test_lsq_quantizers_fuse_into_one_native_op():
-    """ResNet-20 LSQ: the 21 quantizers in front of convolutions become AdaptiveStep with
-    beta = 1; the classifier's (after a Reshape: no batch dimension known to shape
-    inference) stays as Div/Round/Clip/Mul. Extreme inputs give the same bits."""
+def test_lsq_quantizers_are_spliced_as_uniform_quant():
+    """ResNet-20 LSQ: every UniformQuant in front of a convolution runs on the blocked
+    tensor; extreme inputs give the same bits as the plain session."""
     ckpt = _resnet20("lsq-w4a4")
-    model = fold_weight_decodes(build_onnx(ckpt)[0])
-    fused = fuse_uniform_quantizers(model)
-    ops = [n.op_type for n in fused.graph.node]
-    assert ops.count("AdaptiveStep") == 21 and ops.count("Round") == 1
-    first = next(n for n in fused.graph.node if n.op_type == "AdaptiveStep")
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in first.attribute}
-    assert attrs == {"bits": 8, "signed": 1}  # the 8-bit signed input quantizer
+    model = build_onnx(ckpt)[0]
+    _, saved = _placeholders(model)
+    assert saved and all([n.op_type for n in unit] == ["UniformQuant"] for unit in saved.values())
     x = np.random.default_rng(1).standard_normal((3, *ckpt.input.shape)).astype(np.float32)
     x.reshape(-1)[:6] = [np.nan, np.inf, -np.inf, 1e30, -1e30, 1e-45]
-    fast, plain = _sessions(build_onnx(ckpt)[0])
-    got, want = fast.run({"input": x})[0], plain.run({"input": x})[0]
-    np.testing.assert_array_equal(got, want)
+    fast, plain = _sessions(model)
+    assert fast.spliced
+    np.testing.assert_array_equal(fast.run({"input": x})[0], plain.run({"input": x})[0])

@@ -65,3 +65,20 @@ def test_every_case_family_has_nan_inf_and_ties():
     case = cases("AdaptiveStep")[0]
     scaled = case.inputs[0] / (case.inputs[1] * case.inputs[2])[:, None]
     assert np.any(scaled == np.floor(scaled) + 0.5)
+
+
+@pytest.mark.parametrize("case", [c for c in cases("UniformQuant") if c.inputs[0].size],
+                         ids=lambda c: c.name)
+def test_uniform_quant_reference_is_the_lsq_quantizer(case):
+    """The LSQ activation quantizer of the QAT model, on finite inputs, is the op."""
+    from qconvert.quant import LSQQuantizer
+
+    x, step = case.inputs
+    quantizer = LSQQuantizer(case.attrs["bits"], signed=bool(case.attrs["signed"])).eval()
+    quantizer.initialized.fill_(True)
+    quantizer.signed_flag.fill_(bool(case.attrs["signed"]))
+    with torch.no_grad():
+        quantizer.step.copy_(torch.from_numpy(step))
+        want = quantizer(torch.from_numpy(x)).numpy()
+    finite = np.isfinite(x)
+    np.testing.assert_array_equal(case.expected[finite], want[finite])

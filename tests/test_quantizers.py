@@ -1,4 +1,4 @@
-"""Quantizers against the closed forms of the reference (docs: shared/reference/quantizers.md).
+"""Quantizers against the closed forms in docs/quantizers.md.
 
 Every expectation here is computed in the test itself, with numpy / python floats
 (or plain torch arithmetic), never with the helpers of the code under test.
@@ -36,7 +36,7 @@ def heavy(shape, seed: int, scale: float = 1.0) -> torch.Tensor:
 
 
 def bounds(bits: int, signed: bool) -> tuple[int, int]:
-    """Integer code range, written out from the reference."""
+    """Integer code range, written out from docs/quantizers.md."""
     if signed:
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
@@ -452,7 +452,7 @@ def test_lcq_theta_zero_ties_round_to_even(signed):
 
 
 def lsq_closed_form(x: np.ndarray, s: float, lo: int, hi: int):
-    """Per-element dy/dx and (unscaled) dy/ds from the reference, inside = lo <= x/s <= hi."""
+    """Per-element dy/dx and (unscaled) dy/ds from docs/quantizers.md, inside = lo <= x/s <= hi."""
     z = (x / np.float32(s)).astype(np.float64)
     inside = (z >= lo) & (z <= hi)
     dx = inside.astype(np.float64)

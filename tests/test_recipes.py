@@ -111,5 +111,5 @@ def test_shipped_checkpoint_reaches_its_recorded_accuracy(path: Path, one_thread
     assert record["test_samples"] == len(y)
     assert abs(correct - record["test_correct"]) <= 1
     if ckpt.scheme != "float":
-        # The bar: every QAT model within 2 points of its float model.
+        # The project's bar: every QAT model within 2 points of its float model.
         assert record["qat_acc"] >= record["float_acc"] - 2.0

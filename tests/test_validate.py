@@ -11,6 +11,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from qconvert import manifest
 from qconvert.checkpoint import save_checkpoint
 from qconvert.preprocess import prepare_inputs
 
@@ -54,8 +55,7 @@ def save_modified(model: onnx.ModelProto, name: str, array: np.ndarray, path) ->
 
 
 def act_nodes(model: onnx.ModelProto, layer: str) -> list[onnx.NodeProto]:
-    meta = {p.key: p.value for p in model.metadata_props}
-    names = json.loads(meta["qconvert_layers"])[layer]["act_nodes"]
+    names = manifest.read(model).layer(layer).act_nodes
     by_name = {n.name: n for n in model.graph.node}
     return [by_name[n] for n in names]
 
@@ -259,7 +259,7 @@ def corrupted_lut_model(zoo, tmp_path):
     model = zoo.onnx_model("digits-lsq")
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     node = next(n for n in model.graph.node
-                if n.op_type == "LutGather" and n.input[0] == "features.3.weight.codes")
+                if n.name in manifest.read(model).layer("features.3").weight.nodes)
     from qconvert.ops.packing import unpack_codes_np
 
     count = int(np.prod(onnx.helper.get_attribute_value(

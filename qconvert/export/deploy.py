@@ -1,7 +1,7 @@
 """Quantized PyTorch model -> deploy form: the same network, with every quantizer replaced
 by what the ONNX model will run.
 
-Activation quantizers become one qconvert op each (LSQ stays standard arithmetic);
+Activation quantizers become one qconvert op each;
 weights become packed integer codes plus a decode op. The deploy form is still a
 PyTorch module, so it can be checked bit for bit against the QAT model before any
 ONNX is written, and it is what torch.onnx exports.
@@ -17,10 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import QConvertError
-from ..ops import adaptive_step, compand_quant, lut_gather, pow2_shift  # noqa: F401 (registers ops)
+from ..ops import (  # noqa: F401 (registers the torch ops)
+    adaptive_step,
+    compand_quant,
+    lut_gather,
+    pow2_shift,
+    uniform_quant,
+)
 from ..ops.packing import pack_codes
 from ..quant import (
-    QUANTIZED_LAYERS,
     ASQQuantizer,
     LCQQuantizer,
     LSQQuantizer,
@@ -30,21 +35,22 @@ from ..quant import (
     QConvTranspose2d,
     QLinear,
     Quantizer,
+    quantized_layers,
 )
 
 QuantizedLayer = QConv1d | QConv2d | QConvTranspose2d | QLinear
 
 
 class UniformAct(nn.Module):
-    """LSQ activation in standard ops: ``clamp(round(x / s), lo, hi) * s``."""
+    """LSQ activation: one UniformQuant op, ``clamp(round(x / s), lo, hi) * s``."""
 
     def __init__(self, q: LSQQuantizer) -> None:
         super().__init__()
         self.register_buffer("step", q.step.detach().clone())
-        self.lo, self.hi = q.code_range
+        self.bits, self.signed = q.bits, int(q.signed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(torch.round(x / self.step), self.lo, self.hi) * self.step
+        return torch.ops.qconvert.uniform_quant(x, self.step, self.bits, self.signed)
 
 
 class CompandAct(nn.Module):
@@ -197,10 +203,6 @@ class DeployedLayer:
     act_bits: int
     params: int
     macs_per_sample: int = 0
-
-
-def quantized_layers(model: nn.Module) -> list[tuple[str, QuantizedLayer]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, QUANTIZED_LAYERS)]
 
 
 def _check_folded_weight(name: str, layer: QuantizedLayer, deployed: nn.Module) -> None:

@@ -5,26 +5,28 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 import torch
 
-from .. import __version__
+from .. import __version__, manifest
 from ..checkpoint import Checkpoint
 from ..errors import QConvertError
+from ..graph import layer_scope_outputs, scope_nodes
+from ..manifest import INPUT_NAME, OUTPUT_NAME, LayerRecord, Manifest, WeightRecord
 from ..ops import DOMAIN, MAX_OPSET, MIN_OPSET, OPS, functions, translation_table
 from .deploy import DeployedLayer, to_deploy
-from .graph import layer_scope_outputs, scope_nodes
+from .integer import to_integer
+from .weight_decode import fold_constant_decodes, is_weight_decode
 
-INPUT_NAME, OUTPUT_NAME = "input", "output"
-ACT_SUFFIX, OUT_SUFFIX = "act_q", "out"
+COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
 
 
 @dataclass
@@ -68,10 +70,10 @@ def rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:
             value.name = new
 
 
-def _name_layer_outputs(model: onnx.ModelProto,
-                        layers: list[DeployedLayer]) -> dict[str, dict[str, str]]:
-    """Give each layer's quantized activation and output a readable, stable name, and
-    return the value names per layer (a graph output keeps its name).
+def _name_layer_values(model: onnx.ModelProto,
+                       layers: list[DeployedLayer]) -> dict[str, dict[str, str]]:
+    """Give each layer's quantized input, decoded weight and output the manifest's names
+    (a graph output keeps its name), and return the names per layer and part.
 
     A scope's last outgoing value is its result; earlier ones are values the
     exporter shares between modules (e.g. one ReduceMean feeding two adapters).
@@ -81,34 +83,44 @@ def _name_layer_outputs(model: onnx.ModelProto,
     names: dict[str, dict[str, str]] = {}
     for layer in layers:
         names[layer.name] = {}
-        for scope, suffix in ((f"{layer.name}.act", ACT_SUFFIX), (layer.name, OUT_SUFFIX)):
+        for part, scope, name in (
+                ("act", f"{layer.name}.act", manifest.act_value(layer.name)),
+                ("weight", f"{layer.name}.weight", manifest.weight_value(layer.name)),
+                ("out", layer.name, manifest.out_value(layer.name))):
             values = layer_scope_outputs(model.graph, scope)
             if not values:
                 continue
-            value = values[-1]
-            if value not in graph_outputs:
-                rename_value(model.graph, value, f"{layer.name}/{suffix}")
-                value = f"{layer.name}/{suffix}"
-            names[layer.name][suffix] = value
+            if values[-1] not in graph_outputs:
+                rename_value(model.graph, values[-1], name)
+            names[layer.name][part] = name if values[-1] not in graph_outputs else values[-1]
     return names
 
 
-def _layer_records(model: onnx.ModelProto, layers: list[DeployedLayer],
-                   values: dict[str, dict[str, str]]) -> dict[str, dict]:
-    """Per layer: quantizer kinds and bits, the names of its quantized-input and output
-    values, and the nodes of its activation quantizer (without the ASQ adapter) and of
-    its weight decode, which validation runs alone for its op-level check."""
-    return {
-        layer.name: {
-            "weight": [layer.weight_kind, layer.weight_bits],
-            "act": [layer.act_kind, layer.act_bits],
-            "values": values[layer.name],
-            "act_nodes": [n.name for n in scope_nodes(model.graph, f"{layer.name}.act",
-                                                      exclude=(f"{layer.name}.act.adapter",))],
-            "weight_nodes": [n.name for n in scope_nodes(model.graph, f"{layer.name}.weight")],
-        }
-        for layer in layers
-    }
+def _weight_record(model: onnx.ModelProto, layer: DeployedLayer) -> WeightRecord:
+    nodes = scope_nodes(model.graph, f"{layer.name}.weight")
+    (decode,) = [n for n in nodes if is_weight_decode(n)]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in decode.attribute}
+    return WeightRecord(decode.op_type, decode.input[0], decode.input[1], int(attrs["bits"]),
+                        list(attrs["shape"]), int(attrs.get("root", 0)), [n.name for n in nodes])
+
+
+def _layer_record(model: onnx.ModelProto, layer: DeployedLayer,
+                  values: dict[str, str]) -> LayerRecord:
+    """Where the layer's parts sit in the graph: its compute node, its weight decode, the
+    nodes of its activation quantizer (without the ASQ adapter, which validation runs
+    apart) and its named values."""
+    (compute,) = [n for n in scope_nodes(model.graph, layer.name)
+                  if n.op_type in COMPUTE_OPS and values["weight"] in n.input]
+    adapter = f"{layer.name}.act.adapter"
+    return LayerRecord(
+        name=layer.name, weight_kind=layer.weight_kind, weight_bits=layer.weight_bits,
+        act_kind=layer.act_kind, act_bits=layer.act_bits, compute_node=compute.name,
+        weight=_weight_record(model, layer),
+        act_nodes=[n.name for n in scope_nodes(model.graph, f"{layer.name}.act",
+                                               exclude=(adapter,))],
+        adapter_nodes=[n.name for n in scope_nodes(model.graph, adapter)],
+        act_value=values.get("act"), out_value=values.get("out"),
+    )
 
 
 def _strip_exporter_annotations(model: onnx.ModelProto) -> None:
@@ -134,15 +146,9 @@ def _drop_default_attributes(node: onnx.NodeProto, opset: int) -> None:
     node.attribute.extend(keep)
 
 
-def _metadata(ckpt: Checkpoint, records: dict[str, dict]) -> dict[str, str]:
-    return {
-        "qconvert_version": __version__,
-        "qconvert_scheme": ckpt.scheme,
-        "qconvert_arch": ckpt.arch,
-        "qconvert_layers": json.dumps(records, separators=(",", ":")),
-        "qconvert_checkpoint_sha256": ckpt.sha256,
-        "qconvert_input": json.dumps(ckpt.input.to_dict()),
-    }
+def _manifest(ckpt: Checkpoint, records: list[LayerRecord]) -> Manifest:
+    return Manifest(version=__version__, scheme=ckpt.scheme, arch=ckpt.arch,
+                    checkpoint_sha256=ckpt.sha256, input=ckpt.input.to_dict(), layers=records)
 
 
 def used_ops(model: onnx.ModelProto) -> set[str]:
@@ -158,15 +164,16 @@ def build_onnx(ckpt: Checkpoint, opset: int = 20, with_functions: bool = True,
     deploy, layers = to_deploy(ckpt.model, progress=progress)
     example = torch.zeros((2, *ckpt.input.shape), dtype=ckpt.input.torch_dtype)  # ids: 0
     model = _torch_export(deploy, example, opset)
-    values = _name_layer_outputs(model, layers)
+    values = _name_layer_values(model, layers)
     for index, node in enumerate(model.graph.node):  # short names, recorded below
         node.name = f"n{index}"
-    records = _layer_records(model, layers, values)  # reads scopes: before stripping them
+    records = [_layer_record(model, layer, values[layer.name])  # reads the scopes
+               for layer in layers]
     _strip_exporter_annotations(model)
+    fold_constant_decodes(model)  # constant weights: standard ONNX that runtimes fold at load
     if with_functions:
         model.functions.extend(functions(opset, used_ops(model)))
-    for key, value in _metadata(ckpt, records).items():
-        model.metadata_props.add(key=key, value=value)
+    manifest.write(model, _manifest(ckpt, records))
     model.producer_name, model.producer_version = "qconvert", __version__
     try:
         onnx.checker.check_model(model, full_check=True)
@@ -199,11 +206,22 @@ def write_atomically(model: onnx.ModelProto, out: Path, force: bool) -> int:
     return out.stat().st_size
 
 
+OuterBits = int | Callable[[onnx.ModelProto], int] | None
+
+
 def export_checkpoint(ckpt: Checkpoint, out: str | Path, opset: int = 20,
                       with_functions: bool = True, force: bool = False,
-                      progress=None) -> ExportResult:
+                      outer_bits: OuterBits = None, progress=None) -> ExportResult:
+    """Checkpoint -> ONNX file: the one entry point of the CLI, bench and benchmarks.
+
+    ``outer_bits`` asks for integer mode (docs/integer-mode.md): a b' in 2..8, or a
+    function that picks b' given the exact-mode model (the CLI's ``--outer-bits auto``).
+    """
     out = Path(out)
     check_output_path(out, force)  # fail before the slow part
     model, layers = build_onnx(ckpt, opset, with_functions, progress)
+    if outer_bits is not None:
+        bits = outer_bits(model) if callable(outer_bits) else outer_bits
+        model = to_integer(model, bits)
     size = write_atomically(model, out, force)
     return ExportResult(out, model, layers, size)

@@ -8,12 +8,23 @@ from types import ModuleType
 import onnx
 from onnx.reference.op_run import OpRun
 
-from . import adaptive_step, compand_quant, lut_gather, pow2_shift
-from ._builder import DOMAIN, DOMAIN_VERSION, MAX_OPSET, MIN_OPSET, register
+from . import adaptive_step, compand_quant, lut_gather, pow2_shift, uniform_quant
+from ._builder import (
+    DOMAIN,
+    DOMAIN_VERSION,
+    MAX_OPSET,
+    MIN_OPSET,
+    SUPPORTED_DOMAIN_VERSIONS,
+    register,
+)
 
 OPS: dict[str, ModuleType] = {
-    m.NAME: m for m in (compand_quant, adaptive_step, lut_gather, pow2_shift)
+    m.NAME: m for m in (uniform_quant, compand_quant, adaptive_step, lut_gather, pow2_shift)
 }
+
+# Activation quantizers (elementwise, per-tensor or per-sample parameters) and weight decodes.
+ACTIVATION_OPS = ("UniformQuant", "CompandQuant", "AdaptiveStep")
+DECODE_OPS = ("LutGather", "Pow2Shift")
 
 for _module in OPS.values():
     register(_module.schema())
@@ -43,5 +54,5 @@ def _op_run_class(module: ModuleType) -> type[OpRun]:
 
 REFERENCE_OPS: list[type[OpRun]] = [_op_run_class(m) for m in OPS.values()]
 
-__all__ = ["DOMAIN", "DOMAIN_VERSION", "MAX_OPSET", "MIN_OPSET", "OPS", "REFERENCE_OPS",
-           "functions", "translation_table"]
+__all__ = ["ACTIVATION_OPS", "DECODE_OPS", "DOMAIN", "DOMAIN_VERSION", "MAX_OPSET", "MIN_OPSET",
+           "OPS", "REFERENCE_OPS", "SUPPORTED_DOMAIN_VERSIONS", "functions", "translation_table"]

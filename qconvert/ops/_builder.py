@@ -8,7 +8,9 @@ import onnxscript
 from onnx import AttributeProto, helper, numpy_helper
 
 DOMAIN = "qconvert"
-DOMAIN_VERSION = 1
+# Version 2 added UniformQuant; version-1 models (without it) still load and run.
+DOMAIN_VERSION = 2
+SUPPORTED_DOMAIN_VERSIONS = (1, 2)
 MIN_OPSET, MAX_OPSET = 18, 22
 QCONVERT = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
 
@@ -88,6 +90,6 @@ def int_attr(name: str, description: str, kind: str = "int") -> onnx.defs.OpSche
 def register(schema: onnx.defs.OpSchema) -> None:
     """Register once per process (onnx refuses duplicates)."""
     try:
-        onnx.defs.get_schema(schema.name, DOMAIN_VERSION, schema.domain)
+        onnx.defs.get_schema(schema.name, schema.since_version, schema.domain)
     except onnx.defs.SchemaError:
         onnx.defs.register_schema(schema)

@@ -6,16 +6,17 @@ import numpy as np
 import onnx
 import torch
 
-from ._builder import DOMAIN, DOMAIN_VERSION, QCONVERT, FunctionBuilder, float_param, int_attr
+from ._builder import DOMAIN, QCONVERT, FunctionBuilder, float_param, int_attr
 
 NAME = "AdaptiveStep"
+SINCE_VERSION = 1  # in the op set since its first version
 INPUTS = ["X", "step", "beta"]
 ATTRIBUTES = ["bits", "signed"]
 
 
 def schema() -> onnx.defs.OpSchema:
     return onnx.defs.OpSchema(
-        NAME, DOMAIN, DOMAIN_VERSION,
+        NAME, DOMAIN, SINCE_VERSION,
         "ASQ: y = clamp(round(x / (step * beta_n)), lo, hi) * (step * beta_n) per sample n.",
         inputs=[float_param("X", "activation, [N, ...]"), float_param("step", "base step, [1]"),
                 float_param("beta", "per-sample factor, [N]")],

@@ -6,16 +6,17 @@ import numpy as np
 import onnx
 import torch
 
-from ._builder import DOMAIN, DOMAIN_VERSION, QCONVERT, FunctionBuilder, float_param, int_attr
+from ._builder import DOMAIN, QCONVERT, FunctionBuilder, float_param, int_attr
 
 NAME = "CompandQuant"
+SINCE_VERSION = 1  # in the op set since its first version
 INPUTS = ["X", "alpha", "slopes", "offsets", "levels"]
 ATTRIBUTES = ["bits", "signed"]
 
 
 def schema() -> onnx.defs.OpSchema:
     return onnx.defs.OpSchema(
-        NAME, DOMAIN, DOMAIN_VERSION,
+        NAME, DOMAIN, SINCE_VERSION,
         "LCQ: compress by a piecewise-linear f, round uniformly, expand through a level table.",
         inputs=[float_param("X", "activation"), float_param("alpha", "clip, [1]"),
                 float_param("slopes", "compressor slopes, [K]"),

@@ -9,17 +9,18 @@ import numpy as np
 import onnx
 import torch
 
-from ._builder import DOMAIN, DOMAIN_VERSION, QCONVERT, FunctionBuilder, float_param, int_attr
+from ._builder import DOMAIN, QCONVERT, FunctionBuilder, float_param, int_attr
 from .packing import unpack_codes, unpack_codes_np, unpack_codes_torch
 
 NAME = "LutGather"
+SINCE_VERSION = 1  # in the op set since its first version
 INPUTS = ["codes", "table"]
 ATTRIBUTES = ["bits", "shape"]
 
 
 def schema() -> onnx.defs.OpSchema:
     return onnx.defs.OpSchema(
-        NAME, DOMAIN, DOMAIN_VERSION,
+        NAME, DOMAIN, SINCE_VERSION,
         "Y[i] = table[(channel of i,) code_i] for packed bits-bit codes; Y has the given shape.",
         inputs=[onnx.defs.OpSchema.FormalParameter("codes", "tensor(uint8)", "packed codes"),
                 float_param("table", "levels, [L] or [C, L]")],

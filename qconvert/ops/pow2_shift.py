@@ -10,10 +10,11 @@ import onnx
 import torch
 
 from ..quant.pot import magnitude_table
-from ._builder import DOMAIN, DOMAIN_VERSION, QCONVERT, FunctionBuilder, float_param, int_attr
+from ._builder import DOMAIN, QCONVERT, FunctionBuilder, float_param, int_attr
 from .packing import unpack_codes, unpack_codes_np, unpack_codes_torch
 
 NAME = "Pow2Shift"
+SINCE_VERSION = 1  # in the op set since its first version
 INPUTS = ["codes", "alpha"]
 ATTRIBUTES = ["bits", "root", "shape"]
 MAX_BITS = 8
@@ -21,7 +22,7 @@ MAX_BITS = 8
 
 def schema() -> onnx.defs.OpSchema:
     return onnx.defs.OpSchema(
-        NAME, DOMAIN, DOMAIN_VERSION,
+        NAME, DOMAIN, SINCE_VERSION,
         "Y = +-alpha_c * base^-(M - m) from packed sign + magnitude codes; base 2 or sqrt 2.",
         inputs=[onnx.defs.OpSchema.FormalParameter("codes", "tensor(uint8)", "packed codes"),
                 float_param("alpha", "scale, [1] or [C]")],

@@ -96,6 +96,29 @@ def adaptive_step_cases() -> list[VectorCase]:
     return cases
 
 
+def uniform_quant_cases() -> list[VectorCase]:
+    rng = np.random.default_rng(5)
+    cases = []
+    for bits in range(2, 9):
+        for signed in (0, 1):
+            for step in (np.float32(0.25), np.float32(0.0137), np.float32(3.1e-5)):
+                lo, hi = OPS["UniformQuant"].code_range(bits, signed)
+                ties = (np.arange(lo, hi, dtype=np.float32) + np.float32(0.5)) * step
+                bounds = np.array([lo, hi, hi + 1, lo - 1, hi + 0.5, lo - 0.5],
+                                  np.float32) * step
+                noise = rng.standard_normal(60).astype(np.float32) * step * (hi - lo) / 2
+                x = np.concatenate([ties, bounds, noise, SPECIAL]).astype(np.float32)
+                cases.append(_case("UniformQuant", f"b{bits}_s{signed}_step{step:g}",
+                                   [x.reshape(1, -1), np.array([step], np.float32)],
+                                   {"bits": bits, "signed": signed}))
+    cases.append(_case("UniformQuant", "rank4", [
+        rng.standard_normal((2, 3, 4, 5)).astype(np.float32), np.array([0.1], np.float32)],
+        {"bits": 4, "signed": 0}))
+    cases.append(_case("UniformQuant", "empty", [np.zeros((0, 4), np.float32),
+                       np.array([0.1], np.float32)], {"bits": 4, "signed": 1}))
+    return cases
+
+
 def lut_gather_cases() -> list[VectorCase]:
     rng = np.random.default_rng(3)
     cases = []
@@ -131,6 +154,7 @@ def pow2_shift_cases() -> list[VectorCase]:
 
 
 BUILDERS = {
+    "UniformQuant": uniform_quant_cases,
     "CompandQuant": compand_quant_cases,
     "AdaptiveStep": adaptive_step_cases,
     "LutGather": lut_gather_cases,

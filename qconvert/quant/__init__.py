@@ -4,7 +4,14 @@ from .asq import ASQQuantizer, StepAdapter
 from .attention import SplitMultiheadAttention, split_attention
 from .base import Quantizer
 from .coverage import CoverageReport, LayerCoverage, layer_coverage
-from .layers import QUANTIZED_LAYERS, QConv1d, QConv2d, QConvTranspose2d, QLinear
+from .layers import (
+    QUANTIZED_LAYERS,
+    QConv1d,
+    QConv2d,
+    QConvTranspose2d,
+    QLinear,
+    quantized_layers,
+)
 from .lcq import LCQQuantizer
 from .lsq import LSQQuantizer
 from .pot import PowerQuantizer
@@ -22,5 +29,5 @@ __all__ = [
     "LayerSpec", "PowerQuantizer", "QConv1d", "QConv2d", "QConvTranspose2d", "QLinear",
     "QUANTIZED_LAYERS", "QuantSpec", "Quantizer", "SCHEMES", "SplitMultiheadAttention",
     "StepAdapter", "apply_layer_specs", "layer_coverage", "quantize_model",
-    "scheme_layer_specs", "split_attention",
+    "quantized_layers", "scheme_layer_specs", "split_attention",
 ]

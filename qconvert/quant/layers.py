@@ -94,8 +94,13 @@ class QLinear(_Quantized, nn.Linear):
 
 
 QUANTIZED_LAYERS = (QConv1d, QConv2d, QConvTranspose2d, QLinear)
-# float class -> quantized twin; the float layer's input feature axis (ASQ pools the others)
+# float class -> its quantized twin
 QUANTIZED_TWINS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv1d: QConv1d, nn.Conv2d: QConv2d, nn.ConvTranspose2d: QConvTranspose2d,
     nn.Linear: QLinear,
 }
+
+
+def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every quantized layer of ``model`` with its module path, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, QUANTIZED_LAYERS)]

@@ -1,5 +1,6 @@
-"""Queries on an exported graph by PyTorch module scope (the exporter records each
-node's module path in its ``pkg.torch.onnx.name_scopes`` metadata)."""
+"""ONNX graph helpers shared by export and the runtime: queries by PyTorch module scope
+(the exporter records each node's module path in its ``pkg.torch.onnx.name_scopes``
+metadata) and node replacement."""
 
 from __future__ import annotations
 
@@ -45,31 +46,6 @@ def scope_inputs(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> list[st
             if value and value not in produced and value not in constants and value not in seen:
                 seen.append(value)
     return seen
-
-
-UNIFORM_CHAIN = ("Div", "Round", "Clip", "Mul")
-
-
-def uniform_chain(mul: onnx.NodeProto,
-                  producers: dict[str, onnx.NodeProto]) -> list[onnx.NodeProto] | None:
-    """``[Div, Round, Clip, Mul]`` when ``mul`` ends an exported LSQ quantizer
-    ``Div(x, s) -> Round -> Clip(., lo, hi) -> Mul(., s)``, else None. Whether s, lo and hi
-    are constants is the caller's question."""
-    chain = [mul]
-    for op in reversed(UNIFORM_CHAIN):
-        node = chain[-1]
-        if node.op_type != op or node.domain not in ("", "ai.onnx"):
-            return None
-        if op != "Div":
-            source = producers.get(node.input[0])
-            if source is None:
-                return None
-            chain.append(source)
-    chain.reverse()
-    div, _, clip, _ = chain
-    if div.input[1] != mul.input[1] or len(clip.input) < 3 or not all(clip.input[1:3]):
-        return None
-    return chain
 
 
 def with_nodes_replaced(model: onnx.ModelProto, replaced: dict[int, onnx.NodeProto | None],
