@@ -22,6 +22,7 @@ from torch import nn
 
 from qconvert.checkpoint import load_checkpoint, save_checkpoint
 from qconvert.export.deploy import to_deploy
+from qconvert.export.weight_decode import DECODE_DOMAIN
 from qconvert.ops import DOMAIN
 from qconvert.quant import QUANTIZED_LAYERS, quantize_model
 
@@ -346,7 +347,7 @@ def test_deploy_form_of_each_layer_kind_is_bit_exact(kind, scheme):
 def _check_graph(graph: onnx.GraphProto, model: nn.Module, attention: bool) -> None:
     """Standard ONNX ops plus qconvert ops only, attention as MatMul / Softmax, and no float
     copy of any quantized weight."""
-    assert {n.domain for n in graph.node} <= {"", DOMAIN}
+    assert {n.domain for n in graph.node} <= {"", DOMAIN, DECODE_DOMAIN}
     if attention:
         assert {"MatMul", "Softmax"} <= {n.op_type for n in graph.node}
     floats = [numpy_helper.to_array(i) for i in graph.initializer
