@@ -229,7 +229,7 @@ def _from_pickled_module(path: Path, model: nn.Module) -> Checkpoint:
     problem = first_parameter_problem(model)
     if problem:
         raise QConvertError(f"{path}: {problem}")
-    input_spec = InputSpec.from_dict(spec)
+    input_spec = _read_input_spec(path, spec)
     return Checkpoint(model=model.eval(), arch=f"pickled:{type(model).__qualname__}",
                       arch_kwargs={}, scheme=getattr(model, "qconvert_scheme", "custom"),
                       layer_specs=dict(specs), input=input_spec, sha256=file_sha256(path),

@@ -391,11 +391,13 @@ def test_text_model_with_attention_left_float_exports_and_validates(tmp_path):
               for p in ("q_proj", "k_proj", "v_proj", "out_proj")}
     model = trained(Family(family.builder, family.shape, tokens=True, overrides=floats), "lcq")
     path = save(tmp_path, family, model)
-    out = tmp_path / "model.onnx"
-    result = invoke(["export", path, "--out", out])
+    out, summary = tmp_path / "model.onnx", tmp_path / "export.json"
+    result = invoke(["export", path, "--out", out, "--report", summary])
     assert result.exit_code == 0, result.output + result.stderr
     float_lines = [line for line in result.output.splitlines() if "kept float" in line]
     assert len(float_lines) == 8
+    coverage = json.loads(summary.read_text())["coverage"]
+    assert sorted(e["name"] for e in coverage if e["status"] == "float") == sorted(floats)
     result = invoke(["validate", path, out, "--synthetic", "16", "--per-layer"])
     assert "top-1 agreement 100.00%" in result.output, result.output
 
