@@ -3,18 +3,21 @@
     .venv/bin/python benchmarks/bench_model_latency.py CHECKPOINT.pt EXPORTED.onnx \\
         [--batches 1 32] [--reps 40 15] [--threads 1] [--profile]
 
-The FP32 model is rebuilt from the checkpoint and exported to a temporary file;
-the quantized model runs with the native qconvert library and its constant
-weight decodes folded, as q (plain) and q-rewritten (what ``qconvert.session`` and
-``qconvert bench`` run: LSQ quantizers fused into AdaptiveStep, quantizers kept in ORT's
-NCHWc layout by qconvert.nchwc). The sessions run
-interleaved, so all see the same machine state: fp32 and q (the rows that
-count) with ORT's default optimizations, and both again with the NCHWc layout
-transformer disabled. Printed: median latency and the ratio to fp32.
+The FP32 model is rebuilt from the checkpoint and exported to a temporary file. The
+exported file runs two ways: ``plain``, a plain ``onnxruntime.InferenceSession`` of the
+file with the native library registered (what a C++, C# or Java user gets: the constant
+weight decodes fold at load), and ``session``, what ``qconvert.runtime.session`` and
+``qconvert bench`` run (the same file plus a session-time rewrite: the activation
+quantizers kept in ORT's NCHWc layout by qconvert.nchwc). The sessions
+run interleaved, so all see the same machine state: fp32, plain, session and
+plain-ort-cpu (a plain session of ``export --optimize-for cpu``'s file) with ORT's default
+optimizations, and fp32 and plain again with the NCHWc layout transformer
+disabled. Printed: median and minimum latency with their ratios to fp32 (on a busy shared
+machine the minimum shows the undisturbed cost), and the machine's load average.
 
-``--lib OTHER.so`` (repeatable) adds a q session using another build of the
+``--lib OTHER.so`` (repeatable) adds a plain session using another build of the
 library, interleaved with the rest: the way to compare two builds on a busy
-machine. ``--profile`` adds, per batch size, ORT's per-node kernel times for the q
+machine. ``--profile`` adds, per batch size, ORT's per-node kernel times for the plain
 session: per op type, the sum over nodes of each node's median time (medians,
 not means: the machine may be shared).
 """
@@ -29,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qconvert import native  # noqa: E402
 from qconvert.bench import export_float, float_model  # noqa: E402
 from qconvert.checkpoint import load_checkpoint  # noqa: E402
-from qconvert.nchwc import spliced_session  # noqa: E402
-from qconvert.runtime import fold_weight_decodes, fuse_uniform_quantizers  # noqa: E402
+from qconvert.optimized_file import optimize_for_cpu  # noqa: E402
+from qconvert.runtime import session  # noqa: E402
 
 
 def session_options(
@@ -77,23 +81,32 @@ def input_for(sess: ort.InferenceSession, batch: int) -> dict[str, np.ndarray]:
     return {inp.name: np.random.default_rng(0).random(shape, dtype=np.float32)}
 
 
-def latency_table(sessions: dict[str, ort.InferenceSession], batch: int, reps: int) -> None:
-    feeds = {k: input_for(s, batch) for k, s in sessions.items()}
-    for k, s in sessions.items():  # warm-up: arena growth, pre-packing
-        s.run(None, feeds[k])
-        s.run(None, feeds[k])
+def latency_table(sessions: dict[str, Callable], batch: int, reps: int,
+                  shape: list[int]) -> None:
+    x = np.random.default_rng(0).random([batch, *shape[1:]], dtype=np.float32)
+    for run in sessions.values():  # warm-up: arena growth, pre-packing
+        run(x)
+        run(x)
     times: dict[str, list[float]] = {k: [] for k in sessions}
     order = list(sessions)
+    load = os.getloadavg()[0]
     for rep in range(reps):
         for k in order if rep % 2 == 0 else reversed(order):
             start = time.perf_counter()
-            sessions[k].run(None, feeds[k])
+            sessions[k](x)
             times[k].append(time.perf_counter() - start)
-    base = statistics.median(times["fp32"])
-    print(f"batch {batch}, median of {reps} interleaved runs")
+    base, fastest = statistics.median(times["fp32"]), min(times["fp32"])
+    print(f"batch {batch}, {reps} interleaved runs: median, ratio; minimum, ratio "
+          f"(load average {load:.2f} -> {os.getloadavg()[0]:.2f})")
     for k, v in times.items():
         med = statistics.median(v)
-        print(f"  {k:>16} {med * 1e3:9.3f} ms  {med / base:5.2f}x")
+        print(f"  {k:>16} {med * 1e3:9.3f} ms  {med / base:5.2f}x  "
+              f"{min(v) * 1e3:9.3f} ms  {min(v) / fastest:5.2f}x")
+
+
+def runner(sess: ort.InferenceSession) -> Callable:
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x})
 
 
 def profile_table(model: bytes, batch: int, reps: int, threads: int) -> None:
@@ -116,7 +129,7 @@ def profile_table(model: bytes, batch: int, reps: int, threads: int) -> None:
     for node, durs in per_node.items():
         sums[op_of[node]] += statistics.median(durs[warm:] or durs)
         counts[op_of[node]] += 1
-    print(f"batch {batch}, q session kernel times (sum of per-node medians of {reps} runs)")
+    print(f"batch {batch}, plain session kernel times (sum of per-node medians of {reps} runs)")
     for op, us in sorted(sums.items(), key=lambda kv: -kv[1]):
         print(f"  {op:>14} {us / 1e3:8.3f} ms  ({counts[op]} nodes)")
     print(f"  {'total':>14} {sum(sums.values()) / 1e3:8.3f} ms")
@@ -161,26 +174,30 @@ def main() -> None:
         fp32_path = Path(tmp) / "fp32.onnx"
         export_float(float_model(ckpt), ckpt.input.shape, fp32_path)
         fp32 = fp32_path.read_bytes()
-    q = fold_weight_decodes(onnx.load(str(args.onnx_model))).SerializeToString()
+    q = args.onnx_model.read_bytes()
     print(
         f"onnxruntime {ort.__version__}, {args.threads} intra-op thread(s), "
         f"library {native.library_path()}"
     )
+    ours = session(args.onnx_model, "native", threads=args.threads, announce=None)
+    input_name = ours.input_names[0]
     sessions = {
-        "fp32": make_session(fp32, False, True, args.threads),
-        "q": make_session(q, True, True, args.threads),
+        "fp32": runner(make_session(fp32, False, True, args.threads)),
+        "plain": runner(make_session(q, True, True, args.threads)),
+        "session": lambda x: ours.run({input_name: x}),
+        "plain-ort-cpu": runner(make_session(
+            optimize_for_cpu(onnx.load(str(args.onnx_model))).SerializeToString(), True, True,
+            args.threads)),
     }
-    rewritten = spliced_session(fuse_uniform_quantizers(onnx.load_from_string(q)),
-                                lambda: session_options(True, True, args.threads))
-    if rewritten is not None:  # what qconvert.session runs (see qconvert/runtime.py)
-        sessions["q-rewritten"] = rewritten
     for lib in args.lib:
-        sessions[f"q[{lib.name}]"] = make_session(q, True, True, args.threads, library=lib)
+        sessions[f"plain[{lib.name}]"] = runner(
+            make_session(q, True, True, args.threads, library=lib))
     if not args.skip_nonchwc:
-        sessions["fp32-nonchwc"] = make_session(fp32, False, False, args.threads)
-        sessions["q-nonchwc"] = make_session(q, True, False, args.threads)
+        sessions["fp32-nonchwc"] = runner(make_session(fp32, False, False, args.threads))
+        sessions["plain-nonchwc"] = runner(make_session(q, True, False, args.threads))
+    shape = [1, *ckpt.input.shape]
     for batch, n in zip(args.batches, reps, strict=True):
-        latency_table(sessions, batch, n)
+        latency_table(sessions, batch, n, shape)
     if args.profile:
         for batch, n in zip(args.batches, reps, strict=True):
             profile_table(q, batch, n, args.threads)

@@ -21,7 +21,8 @@ import torch
 
 from qconvert import load_checkpoint, save_checkpoint
 from qconvert.archs import build_architecture
-from qconvert.bench import format_markdown, plot, run_bench
+from qconvert.bench import run_bench
+from qconvert.bench_report import format_markdown, plot
 from qconvert.calib import load_calibration, synthetic
 from qconvert.quant import quantize_model
 
@@ -41,10 +42,11 @@ def machine() -> str:
             f"{onnxruntime.__version__}; {datetime.date.today()}")
 
 
-def random_resnet18(path: Path) -> Path:
-    """ResNet-18 at 224x224 under LCQ W4A4 with quantizers initialised on random data."""
+def random_resnet18(path: Path, scheme: str = "lsq") -> Path:
+    """ResNet-18 at 224x224 under ``scheme`` W4A4 with quantizers initialised on random
+    data."""
     torch.manual_seed(0)
-    model = quantize_model(build_architecture("resnet18"), "lcq", 4, 4)
+    model = quantize_model(build_architecture("resnet18"), scheme, 4, 4)
     model.train()
     with torch.no_grad():
         model(torch.randn(4, 3, 224, 224))
@@ -66,6 +68,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--skip-resnet18", action="store_true")
+    parser.add_argument("--resnet18-schemes", nargs="+", default=["lsq", "lcq"],
+                        help="quantization schemes of the ImageNet-shaped ResNet-18 rows")
     parser.add_argument("--out", type=Path, default=OUT,
                         help="where to write (the summary sections are edited by hand)")
     args = parser.parse_args()
@@ -74,6 +78,10 @@ def main() -> None:
         "Produced by `.venv/bin/python benchmarks/run_all.py` (each section is one "
         "`qconvert bench CKPT --calib models/data/digits_calib.npz --threads 1` run).\n",
         f"Machine: {machine()}. Absolute times are this machine's; read the ratios.\n",
+        "Rows: the exported file loaded plainly in ONNX Runtime with the native library "
+        "registered (what a C++ user gets), the same file in qconvert's session (plus "
+        "session-time NCHWc splice of the quantizers), stock ONNX Runtime running the "
+        "function bodies, FP32 ONNX, int8 QDQ and PyTorch eager.\n",
         "Columns: latency median relative to the FP32 ONNX model in ONNX Runtime (same "
         "threads, interleaved rounds), median and p90 in ms, file size relative to the ideal "
         "packed size (params x bits / 8 + tables, biases, BatchNorm, scales) and to the FP32 "
@@ -90,10 +98,12 @@ def main() -> None:
                              image if ckpt.stem.startswith("resnet20-lcq") else None))
     if not args.skip_resnet18:
         with tempfile.TemporaryDirectory() as tmp:
-            path = random_resnet18(Path(tmp) / "resnet18-lcq-w4a4.pt")
-            parts.append(section("resnet18 (224x224, random LCQ W4A4 parameters)", path,
-                                 synthetic(64, (3, 224, 224)), max(3, args.rounds // 5),
-                                 ROOT / "docs" / "img" / "bench-resnet18.png"))
+            for scheme in args.resnet18_schemes:
+                path = random_resnet18(Path(tmp) / f"resnet18-{scheme}-w4a4.pt", scheme)
+                image = "bench-resnet18.png" if scheme == "lsq" else f"bench-resnet18-{scheme}.png"
+                parts.append(section(f"resnet18 (224x224, random {scheme.upper()} W4A4 "
+                                     "parameters)", path, synthetic(64, (3, 224, 224)),
+                                     max(3, args.rounds // 5), ROOT / "docs" / "img" / image))
     args.out.write_text("\n".join(parts))
     print(f"wrote {args.out}")
 

@@ -3,6 +3,12 @@
 Every candidate runs in this one process with the same thread setting, and the
 latency rounds interleave the candidates (A, B, C, A, B, C, ...) so that load from
 elsewhere on a shared machine hits them alike: ratios are measured side by side.
+
+The exported file is timed twice: as a plain ``onnxruntime.InferenceSession`` with the
+native library registered (what a C++, C# or Java user gets) and as qconvert's session,
+which also rewrites the graph at load (the NCHWc splice of qconvert/nchwc.py, a
+session-time optimization only).
+Tables and plots: ``bench_report``.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import tempfile
 import time
 import warnings
@@ -19,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 
 from .archs import build_architecture
@@ -26,11 +34,17 @@ from .calib import CalibData
 from .checkpoint import Checkpoint
 from .export.onnx_export import export_checkpoint
 from .inspect_model import inspect_model
-from .native import library_path
+from .native import library_path, register
 from .preprocess import prepare_inputs
 from .runtime import session
 
 Runner = Callable[[np.ndarray], np.ndarray]
+# Row names (bench_report finds rows by them).
+PLAIN = "plain load (ORT + library)"
+SESSION = "qconvert session"
+STOCK = "stock ORT (function bodies)"
+FP32 = "FP32 ONNX (ORT)"
+EAGER = "PyTorch eager QAT"
 
 
 @dataclass
@@ -45,6 +59,7 @@ class Candidate:
 @dataclass
 class BenchResult:
     checkpoint: str
+    arch: str
     threads: int
     ideal_bytes: int
     candidates: list[dict]
@@ -52,6 +67,8 @@ class BenchResult:
     float_export_seconds: float
     validate_samples_per_s: float
     bare_samples_per_s: float
+    onnxruntime: str = ort.__version__
+    load_average: list[float] = field(default_factory=list)  # 1-min, before / after timing
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
@@ -103,6 +120,24 @@ def quantize_int8(fp32_path: Path, out: Path, samples: np.ndarray) -> None:
     with _quiet():
         quantize_static(str(fp32_path), str(out), Reader(), quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+
+
+def plain_session(path: Path | str, threads: int, library: bool = True) -> ort.InferenceSession:
+    """The file as ONNX Runtime loads it for any user: default optimizations, the native
+    library registered (``library``), no qconvert code in between."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if library:
+        register(options)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _plain_runner(path: Path, threads: int) -> Runner:
+    sess = plain_session(path, threads)
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x})[0]
 
 
 def _ort_runner(path_or_model, runtime: str, threads: int) -> Runner:
@@ -179,140 +214,39 @@ def run_bench(ckpt: Checkpoint, data: CalibData, threads: int = 1, rounds: int =
         quantize_int8(fp32_path, int8_path, inputs[:256])
         candidates = []
         notes = []
+        q_bytes = q_path.stat().st_size
         if library_path() is not None:
-            candidates.append(Candidate("qconvert native", _ort_runner(q_path, "native", threads),
-                                        q_path.stat().st_size))
+            candidates += [Candidate(PLAIN, _plain_runner(q_path, threads), q_bytes),
+                           Candidate(SESSION, _ort_runner(q_path, "native", threads), q_bytes)]
         else:
-            notes.append("native library not built (make ops): no native row")
+            notes.append("native library not built (make ops): no plain-load or session row")
         candidates += [
-            Candidate("qconvert function", _ort_runner(q_path, "function", threads),
-                      q_path.stat().st_size),
-            Candidate("FP32 ONNX (ORT)", _ort_runner(fp32_path, "function", threads),
+            Candidate(STOCK, _ort_runner(q_path, "function", threads), q_bytes),
+            Candidate(FP32, _ort_runner(fp32_path, "function", threads),
                       fp32_path.stat().st_size),
             Candidate("int8 QDQ (ORT)", _ort_runner(int8_path, "function", threads),
                       int8_path.stat().st_size),
-            Candidate("PyTorch eager QAT", _torch_runner(ckpt.model), None),
+            Candidate(EAGER, _torch_runner(ckpt.model), None),
         ]
         reference = _torch_runner(ckpt.model)(inputs)
         for c in candidates:
             c.top1_agreement = _agreement(reference, c.run(inputs))
+        load = [os.getloadavg()[0]]
         for batch in batches:
             log(f"latency at batch {batch}: {rounds} interleaved rounds")
             x = np.ascontiguousarray(np.resize(inputs, (batch, *inputs.shape[1:])))
             measure_latency(candidates, x, rounds)
+        load.append(os.getloadavg()[0])
         runtime = "native" if library_path() is not None else "function"
         log("validation throughput")
         validate_rate, bare_rate = _validation_throughput(ckpt, q_path, inputs, data, runtime,
                                                           threads)
         ideal = inspect_model(q_path).ideal_bytes
     return BenchResult(
-        checkpoint=str(ckpt.path), threads=threads, ideal_bytes=ideal,
+        checkpoint=str(ckpt.path), arch=ckpt.arch, threads=threads, ideal_bytes=ideal,
         candidates=[{"name": c.name, "file_bytes": c.file_bytes, "latency_ms": c.latency_ms,
                      "top1_agreement": c.top1_agreement} for c in candidates],
         export_seconds=export_seconds, float_export_seconds=float_seconds,
-        validate_samples_per_s=validate_rate, bare_samples_per_s=bare_rate, notes=notes,
+        validate_samples_per_s=validate_rate, bare_samples_per_s=bare_rate,
+        load_average=load, notes=notes,
     )
-
-
-def format_table(result: BenchResult) -> str:
-    rows = result.candidates
-    fp32 = next(r for r in rows if r["name"].startswith("FP32"))
-    batches = sorted(fp32["latency_ms"], key=int)
-    head = (f"{'model':<20}" + "".join(f" {'b' + str(b) + ' ms':>9} {'xFP32':>6}" for b in batches)
-            + f" {'bytes':>10} {'xideal':>7} {'xFP32':>6} {'top-1 agr.':>10}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        cells = ""
-        for b in batches:
-            median = r["latency_ms"][b]["median"]
-            cells += f" {median:>9.3f} {median / fp32['latency_ms'][b]['median']:>6.2f}"
-        size = r["file_bytes"]
-        size_cells = f" {'-':>10} {'-':>7} {'-':>6}"
-        if size:
-            size_cells = (f" {size:>10} {size / result.ideal_bytes:>7.2f} "
-                          f"{size / fp32['file_bytes']:>6.3f}")
-        lines.append(f"{r['name']:<20}{cells}{size_cells} {r['top1_agreement']:>10.2%}")
-    lines.append(f"export: qconvert {result.export_seconds:.1f} s vs float torch.onnx.export "
-                 f"{result.float_export_seconds:.1f} s = "
-                 f"{result.export_seconds / result.float_export_seconds:.2f}x")
-    lines.append(f"validation: {result.validate_samples_per_s:.0f} samples/s vs bare inference "
-                 f"of both models {result.bare_samples_per_s:.0f} samples/s = "
-                 f"{result.bare_samples_per_s / result.validate_samples_per_s:.2f}x overhead")
-    lines += [f"note: {n}" for n in result.notes]
-    return "\n".join(lines)
-
-
-def format_markdown(result: BenchResult) -> str:
-    """The same table as markdown, ratios first, with the project's targets marked."""
-    rows = result.candidates
-    fp32 = next(r for r in rows if r["name"].startswith("FP32"))
-    eager = next(r for r in rows if r["name"].startswith("PyTorch"))
-    batches = sorted(fp32["latency_ms"], key=int)
-    head = ("| model | " + " | ".join(f"b{b} x FP32 | b{b} ms (p90)" for b in batches)
-            + " | file x ideal | file x FP32 | top-1 agreement |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        cells = []
-        for b in batches:
-            lat = r["latency_ms"][b]
-            cells += [f"{lat['median'] / fp32['latency_ms'][b]['median']:.2f}",
-                      f"{lat['median']:.2f} ({lat['p90']:.2f})"]
-        size = r["file_bytes"]
-        sizes = ([f"{size / result.ideal_bytes:.2f}", f"{size / fp32['file_bytes']:.3f}"]
-                 if size else ["-", "-"])
-        lines.append(f"| {r['name']} | " + " | ".join(cells + sizes)
-                     + f" | {r['top1_agreement']:.2%} |")
-    native = next((r for r in rows if r["name"] == "qconvert native"), None)
-    if native:
-        b1 = batches[0]
-        speedup = eager["latency_ms"][b1]["median"] / native["latency_ms"][b1]["median"]
-        lines.append("")
-        lines.append(f"- qconvert native vs PyTorch eager QAT at batch {b1}: "
-                     f"{speedup:.1f}x faster (target >= 3x: {'met' if speedup >= 3 else 'MISSED'})")
-        for b in batches:
-            ratio = native["latency_ms"][b]["median"] / fp32["latency_ms"][b]["median"]
-            lines.append(f"- native latency at batch {b}: {ratio:.2f}x FP32 "
-                         f"(target <= 1.10x: {'met' if ratio <= 1.10 else 'MISSED'})")
-        size_ratio = native["file_bytes"] / result.ideal_bytes
-        lines.append(f"- file {native['file_bytes']} B = {size_ratio:.2f}x ideal packed "
-                     f"({result.ideal_bytes} B; target <= 1.10x: "
-                     f"{'met' if size_ratio <= 1.10 else 'MISSED'}), "
-                     f"{native['file_bytes'] / fp32['file_bytes']:.3f}x the FP32 file")
-    lines.append(f"- export: {result.export_seconds:.1f} s vs {result.float_export_seconds:.1f} s "
-                 f"for torch.onnx.export of the float model "
-                 f"({result.export_seconds / result.float_export_seconds:.2f}x)")
-    lines.append(f"- validation: {result.validate_samples_per_s:.0f} samples/s; bare inference "
-                 f"of both models {result.bare_samples_per_s:.0f} samples/s")
-    lines += [f"- note: {n}" for n in result.notes]
-    return "\n".join(lines)
-
-
-def plot(result: BenchResult, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = result.candidates
-    names = [r["name"] for r in rows]
-    batches = sorted(rows[0]["latency_ms"], key=int)
-    fig, (ax_lat, ax_size) = plt.subplots(1, 2, figsize=(12, 4.5))
-    width = 0.8 / len(batches)
-    for i, b in enumerate(batches):
-        ax_lat.barh(np.arange(len(rows)) + i * width, [r["latency_ms"][b]["median"] for r in rows],
-                    height=width, label=f"batch {b}")
-    ax_lat.set_yticks(np.arange(len(rows)) + width * (len(batches) - 1) / 2, names)
-    ax_lat.set_xscale("log")
-    ax_lat.set_xlabel(f"median latency, ms ({result.threads} thread(s), this machine)")
-    ax_lat.legend()
-    sized = [r for r in rows if r["file_bytes"]]
-    ax_size.barh([r["name"] for r in sized], [r["file_bytes"] / 1024 for r in sized],
-                 color="tab:green")
-    ax_size.axvline(result.ideal_bytes / 1024, color="black", linestyle="--",
-                    label="ideal packed size")
-    ax_size.set_xlabel("file size, KiB")
-    ax_size.legend()
-    fig.suptitle(f"qconvert bench: {Path(result.checkpoint).name}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -1,4 +1,4 @@
-"""The ``qconvert`` command: export, validate, inspect, ops-lib."""
+"""The ``qconvert`` command: export, validate, inspect, import, ops-lib."""
 
 from __future__ import annotations
 
@@ -68,18 +68,26 @@ def _human(n: float) -> str:
 @click.option("--allow-pickle", is_flag=True,
               help="Also load checkpoints holding pickled objects. Unpickling RUNS CODE from "
                    "the file: only for files you trust.")
+@click.option("--optimize-for", type=click.Choice(["cpu"]),
+              help="Also write ONNX Runtime's optimized model next to OUT (NAME.ort-cpu.onnx): "
+                   "for this ORT version and CPU family only.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--report", type=click.Path(path_type=Path), help="Also write it as JSON.")
 @_errors_to_exit_codes
 def export(checkpoint: Path, out: Path, opset: int, no_functions: bool, force: bool,
            mode: str, outer_bits: str, calib: Path | None, min_agreement: float,
-           allow_pickle: bool, as_json: bool, report: Path | None) -> None:
+           allow_pickle: bool, optimize_for: str | None, as_json: bool,
+           report: Path | None) -> None:
     """Export CHECKPOINT to an ONNX model with qconvert ops and packed low-bit weights."""
     from .checkpoint import load_checkpoint
     from .export.onnx_export import check_output_path, export_checkpoint
     from .inspect_model import inspect_model
 
     check_output_path(out, force)
+    if optimize_for:
+        from .optimized_file import optimized_path
+
+        check_output_path(optimized_path(out), force)
     if report is not None and not report.parent.is_dir():
         raise QConvertError(f"{report.parent}: no such directory for {report.name}")
     if mode == "integer" and outer_bits == "auto" and calib is None:
@@ -93,6 +101,11 @@ def export(checkpoint: Path, out: Path, opset: int, no_functions: bool, force: b
                                    progress=lambda _: bar.update(1))
     summary = _export_summary(result, inspect_model(out), time.perf_counter() - started)
     summary["coverage"] = ckpt.coverage.to_dict() if ckpt.coverage else None
+    if optimize_for:
+        from .optimized_file import write_optimized
+
+        path, size = write_optimized(result.model, out, force)
+        summary["optimized"] = {"path": str(path), "file_bytes": size}
     if report:
         _write_report(report, json.dumps(summary, indent=2))
     if as_json:
@@ -110,6 +123,11 @@ def export(checkpoint: Path, out: Path, opset: int, no_functions: bool, force: b
                f"{summary['size_vs_ideal']:.2f}x ideal packed "
                f"({_human(summary['ideal_bytes'])}), {summary['size_vs_fp32']:.3f}x FP32 "
                f"({_human(summary['fp32_bytes'])}); {summary['seconds']:.1f} s")
+    if optimize_for:
+        click.echo(f"wrote {summary['optimized']['path']}: "
+                   f"{_human(summary['optimized']['file_bytes'])}, ONNX Runtime's optimized "
+                   "model, valid only with this onnxruntime version on this CPU family (see "
+                   "its metadata)")
 
 
 def _export_summary(result, info, seconds: float) -> dict:
@@ -331,35 +349,84 @@ def inspect_command(model: Path, as_json: bool, report: Path | None) -> None:
 @click.option("--synthetic", type=int, default=256, show_default=True)
 @click.option("--threads", default=1, show_default=True, help="Intra-op threads, all models.")
 @click.option("--rounds", default=30, show_default=True, help="Interleaved timing rounds.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write results.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the machine-readable result to stdout instead of the table.")
+@click.option("--report", type=click.Path(path_type=Path), help="Write the result as JSON.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG plot.")
 @_errors_to_exit_codes
 def bench(checkpoint: Path, calib: Path | None, synthetic: int, threads: int, rounds: int,
-          json_path: Path | None, plot: Path | None) -> None:
-    """Latency, size and fidelity of CHECKPOINT's export against the alternatives."""
+          as_json: bool, report: Path | None, plot: Path | None) -> None:
+    """Latency, size and fidelity of CHECKPOINT's export against the alternatives: the
+    file loaded plainly in ONNX Runtime (library registered) and in qconvert's session,
+    FP32 ONNX, int8 QDQ and PyTorch eager, timed in interleaved rounds."""
     from . import bench as bench_mod
+    from . import bench_report
     from . import calib as calib_data
     from .checkpoint import load_checkpoint
 
+    for path in (report, plot):  # fail before the slow part
+        if path is not None and not path.parent.is_dir():
+            raise QConvertError(f"{path.parent}: no such directory for {path.name}")
     ckpt = load_checkpoint(checkpoint)
     data = (calib_data.load_calibration(calib, ckpt.input.shape) if calib
             else calib_data.synthetic(synthetic, ckpt.input.shape))
     result = bench_mod.run_bench(ckpt, data, threads=threads, rounds=rounds,
                                  log=lambda m: click.echo(m, err=True))
-    click.echo(bench_mod.format_table(result))
-    if json_path:
-        json_path.write_text(result.to_json())
+    click.echo(result.to_json() if as_json else bench_report.format_table(result))
+    if report:
+        _write_report(report, result.to_json())
     if plot:
-        bench_mod.plot(result, str(plot))
+        bench_report.plot(result, str(plot))
+
+
+@main.command("import")
+@click.option("--from", "source", required=True, type=click.Choice(["asq-post"]),  # = SOURCES
+              help="The training code that wrote CHECKPOINT.")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
+              help="Where to write the qconvert checkpoint (.pt).")
+@click.option("--bits", type=int, help="Bit width, when the file does not record it.")
+@click.option("--weights", type=click.Choice(["lsq", "post"]),
+              help="asq-post: the weight quantizer (the file cannot tell).")
+@click.option("--post-base", type=click.Choice(["2", "sqrt2"]),
+              help="asq-post: POST level base (the shipped code uses 2).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@_errors_to_exit_codes
+def import_command(source: str, checkpoint: Path, out: Path, bits: int | None,
+                   weights: str | None, post_base: str | None, force: bool) -> None:
+    """Convert a CHECKPOINT trained with public QAT code into a qconvert checkpoint."""
+    from .checkpoint import save_checkpoint
+    from .importers import ImportOptions, import_checkpoint
+
+    if out.exists() and not force:
+        raise QConvertError(f"{out}: exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise QConvertError(f"{out.parent}: no such directory for {out.name}")
+    result = import_checkpoint(source, checkpoint, ImportOptions(bits, weights, post_base))
+    save_checkpoint(out, result.model, arch=result.arch, arch_kwargs=result.arch_kwargs,
+                    input_shape=result.input_shape, mean=result.mean, std=result.std,
+                    training=result.training)
+    for note in result.notes:
+        click.echo(note)
+    click.echo(f"wrote {out} (arch {result.arch}, input {list(result.input_shape)})")
 
 
 @main.command("ops-lib")
 def ops_lib() -> None:
-    """Print the native custom-op library's path (exit 2 when it is not built)."""
-    from .native import library_path
+    """Print the native custom-op library's path (exit 2 when there is none)."""
+    import os
 
-    path = library_path()
+    from .native import ENV_VAR, ops_library_path
+
+    path = ops_library_path()
     if path is None:
-        click.echo("error: the native library is not built; run `make ops`", err=True)
+        override = os.environ.get(ENV_VAR)
+        if override:
+            message = (f"the native library is not built at ${ENV_VAR}={override}; "
+                       f"point {ENV_VAR} at libqconvert_ops.so or unset it")
+        else:
+            message = ("the native library is not built; reinstall qconvert (pip install .) "
+                       "or run `make ops` in a source checkout")
+        click.echo(f"error: {message}", err=True)
         sys.exit(EXIT_INPUT)
     click.echo(str(path))

@@ -117,26 +117,38 @@ def _restore(optimized: onnx.ModelProto, original: onnx.ModelProto,
     return optimized
 
 
-def spliced_session(model: onnx.ModelProto,
-                    make_options: Callable[[], ort.SessionOptions]) -> ort.InferenceSession | None:
-    """An ORT session running ``model``'s activation quantizers in the NCHWc layout, or
-    None when there is nothing to splice or anything does not go as expected."""
+def spliced_model(model: onnx.ModelProto,
+                  make_options: Callable[[], ort.SessionOptions]) -> onnx.ModelProto | None:
+    """ORT's optimized graph of ``model`` with its activation quantizers put back on the
+    NCHWc tensors (to be opened without re-running the layout pass), or None when there
+    is nothing to splice or anything does not go as expected."""
     stand_in, saved = _placeholders(model)
     if not saved:
         return None
-    providers = ["CPUExecutionProvider"]
     try:
         with tempfile.TemporaryDirectory() as tmp:
             options = make_options()
             options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-            ort.InferenceSession(stand_in.SerializeToString(), options, providers=providers)
+            ort.InferenceSession(stand_in.SerializeToString(), options,
+                                 providers=["CPUExecutionProvider"])
             optimized = onnx.load(options.optimized_model_filepath)
-        spliced = _restore(optimized, model, saved)
-        if spliced is None:
-            return None
+        return _restore(optimized, model, saved)
+    except Exception:  # any failure (ORT raises many types): the caller opens the plain one
+        return None
+
+
+def spliced_session(model: onnx.ModelProto,
+                    make_options: Callable[[], ort.SessionOptions]) -> ort.InferenceSession | None:
+    """An ORT session running ``model``'s activation quantizers in the NCHWc layout, or
+    None when there is nothing to splice or anything does not go as expected."""
+    spliced = spliced_model(model, make_options)
+    if spliced is None:
+        return None
+    try:
         options = make_options()
         # The layout pass already ran; the extended level keeps the graph as spliced.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        return ort.InferenceSession(spliced.SerializeToString(), options, providers=providers)
+        return ort.InferenceSession(spliced.SerializeToString(), options,
+                                    providers=["CPUExecutionProvider"])
     except Exception:  # any failure (ORT raises many types): the caller opens the plain one
         return None

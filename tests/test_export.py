@@ -21,7 +21,7 @@ from qconvert.checkpoint import load_checkpoint
 from qconvert.errors import QConvertError
 from qconvert.export import onnx_export
 from qconvert.manifest import LayerRecord
-from qconvert.ops import DOMAIN_VERSION
+from qconvert.ops import DECODE_DOMAIN, DOMAIN_VERSION
 from qconvert.ops.packing import unpack_codes_np
 from qconvert.quant import LCQQuantizer, LSQQuantizer, PowerQuantizer
 from qconvert.runtime import session
@@ -68,7 +68,8 @@ MIXED_OPS = ACT_OPS | DECODE_OPS
 
 
 def custom_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    return [n for n in model.graph.node if n.domain == DOMAIN]
+    """qconvert ops, constant weight decodes (function-only domain) included."""
+    return [n for n in model.graph.node if n.domain in (DOMAIN, DECODE_DOMAIN)]
 
 
 def attrs(node: onnx.NodeProto) -> dict:
@@ -155,21 +156,21 @@ def test_lsq_activations_are_one_uniform_quant_op(zoo):
 def test_checker_and_model_local_functions(zoo, key):
     model = zoo.onnx_model(key)
     onnx.checker.check_model(model, full_check=True)
-    used = {n.op_type for n in custom_nodes(model)}
-    assert {f.name for f in model.functions} == used
+    used = {(n.domain, n.op_type) for n in custom_nodes(model)}
+    assert {(f.domain, f.name) for f in model.functions} == used
     assert len(model.functions) == len(used)
     opset = default_opset(model)
     assert opset == 20
     assert {(o.domain, o.version) for o in model.opset_import} >= {("qconvert", DOMAIN_VERSION)}
     for function in model.functions:
-        assert function.domain == DOMAIN
         fn_opsets = {o.domain: o.version for o in function.opset_import}
         assert fn_opsets.get("", fn_opsets.get("ai.onnx")) == opset, function.name
 
 
 def test_no_functions_export(zoo, calib_npz):
     model = zoo.onnx_model("digits-mixed", functions=False)
-    assert len(model.functions) == 0
+    # the constant weight decodes keep theirs: it is their only definition
+    assert {f.domain for f in model.functions} == {DECODE_DOMAIN}
     assert {n.op_type for n in custom_nodes(model)} == MIXED_OPS
     # without bodies the function runtime must refuse with a clear error ...
     with pytest.raises(QConvertError, match="no function body"):

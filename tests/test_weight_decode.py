@@ -15,8 +15,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qconvert import manifest, native
-from qconvert.export.weight_decode import DECODE_DOMAIN, fold_constant_decodes
-from qconvert.ops import DOMAIN, functions, lut_gather, pow2_shift
+from qconvert.export.weight_decode import decode_function, fold_constant_decodes
+from qconvert.ops import DECODE_DOMAIN, DOMAIN, functions, lut_gather, pow2_shift
 from qconvert.ops.packing import pack_codes
 from qconvert.runtime import fold_weight_decodes, session
 
@@ -224,3 +224,48 @@ def test_plain_load_is_bit_identical_to_the_qconvert_session(ckpt, tmp_path):
     x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
     ours = session(out, "native", threads=1, announce=None)
     assert _bits(plain.run(None, {name: x})[0]) == _bits(ours.run({name: x})[0])
+
+
+def _run_decode_at_inference(op: str, inputs: list[np.ndarray], attrs: dict):
+    """The decode-domain body run on graph inputs (nothing to fold), in stock ORT."""
+    names = ["codes", "param"]
+    node = helper.make_node(op, names, ["W"], domain=DECODE_DOMAIN, name="decode", **attrs)
+    graph = helper.make_graph([node], "decode", [
+        helper.make_tensor_value_info(n, TensorProto.UINT8 if a.dtype == np.uint8
+                                      else TensorProto.FLOAT, list(a.shape))
+        for n, a in zip(names, inputs, strict=True)],
+        [helper.make_tensor_value_info("W", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[
+        helper.make_opsetid("", 20), helper.make_opsetid(DECODE_DOMAIN, 1)],
+        functions=[decode_function(op, 20)], ir_version=10)
+    sess = ort.InferenceSession(model.SerializeToString(), _options(False),
+                                providers=["CPUExecutionProvider"])
+    return sess.run(None, dict(zip(names, inputs, strict=True)))[0]
+
+
+def test_decode_body_at_inference_matches_the_reference():
+    rng = np.random.default_rng(5)
+    for inputs, attrs, want in (_lut_case(5, True, rng), _pow2_case(7, False, 2, rng)):
+        op = "Pow2Shift" if "root" in attrs else "LutGather"
+        assert _bits(_run_decode_at_inference(op, inputs, attrs)) == _bits(want)
+
+
+def _bad_decodes():
+    rng = np.random.default_rng(9)
+    (codes, table), attrs, _ = _lut_case(3, True, rng)
+    yield "codes-short", "LutGather", [codes[:-1], table], attrs
+    yield "code-outside-table", "LutGather", [codes, table[:, :2]], attrs
+    yield "table-wider-than-bits", "LutGather", [codes, np.ones((5, 9), np.float32)], attrs
+    yield "table-rows-not-channels", "LutGather", [codes, table[:4]], attrs
+    yield "bits-9", "LutGather", [codes, table], {**attrs, "bits": 9}
+    (codes, alpha), attrs, _ = _pow2_case(4, True, 1, rng)
+    yield "alpha-three", "Pow2Shift", [codes, alpha[:3]], attrs
+    yield "root-3", "Pow2Shift", [codes, alpha], {**attrs, "root": 3}
+    yield "pow2-codes-short", "Pow2Shift", [codes[:-1], alpha], attrs
+
+
+@pytest.mark.parametrize(("op", "inputs", "attrs"),
+                         [pytest.param(*case[1:], id=case[0]) for case in _bad_decodes()])
+def test_decode_body_refuses_what_the_op_refuses(op, inputs, attrs):
+    with pytest.raises(Exception, match="rejects|out of (data )?bounds|GatherElements|index"):
+        _run_decode_at_inference(op, inputs, attrs)

@@ -10,6 +10,7 @@ from torch import nn
 from .digits_cnn import DigitsCNN
 from .mobilenetv2 import mobilenetv2_small
 from .resnet import resnet18, resnet20, resnet50
+from .tv_resnet import tv_resnet18, tv_resnet34
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "digits_cnn": DigitsCNN,
@@ -17,6 +18,8 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "mobilenetv2_small": mobilenetv2_small,
     "resnet18": resnet18,
     "resnet50": resnet50,
+    "tv_resnet18": tv_resnet18,  # torchvision layout, for imported checkpoints
+    "tv_resnet34": tv_resnet34,
 }
 
 

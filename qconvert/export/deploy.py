@@ -127,9 +127,8 @@ def deploy_weight(q: Quantizer, weight: torch.Tensor) -> nn.Module:
     w = weight.detach()
     index = q.encode(w).reshape(-1)
     if isinstance(q, PowerQuantizer):
-        signed_code = index - q.top_code  # in [-M, M]
-        codes = (signed_code < 0).long() << (q.bits - 1) | signed_code.abs()
-        return PowerWeight(codes, q.alpha.detach().clone(), q.bits, q.root, w.shape)
+        codes, code_bits = q.shift_codes(index)  # wider than q.bits for 2^b + 1 levels
+        return PowerWeight(codes, q.alpha.detach().clone(), code_bits, q.root, w.shape)
     if isinstance(q, LCQQuantizer):
         return TableWeight(index, q.levels(w), q.bits, w.shape)
     if isinstance(q, LSQQuantizer):

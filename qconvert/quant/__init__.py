@@ -14,7 +14,7 @@ from .layers import (
 )
 from .lcq import LCQQuantizer
 from .lsq import LSQQuantizer
-from .pot import PowerQuantizer
+from .pot import PowerQuantizer, WidePowerQuantizer
 from .schemes import (
     SCHEMES,
     LayerSpec,
@@ -28,6 +28,6 @@ __all__ = [
     "ASQQuantizer", "CoverageReport", "LCQQuantizer", "LSQQuantizer", "LayerCoverage",
     "LayerSpec", "PowerQuantizer", "QConv1d", "QConv2d", "QConvTranspose2d", "QLinear",
     "QUANTIZED_LAYERS", "QuantSpec", "Quantizer", "SCHEMES", "SplitMultiheadAttention",
-    "StepAdapter", "apply_layer_specs", "layer_coverage", "quantize_model",
-    "quantized_layers", "scheme_layer_specs", "split_attention",
+    "StepAdapter", "WidePowerQuantizer", "apply_layer_specs", "layer_coverage",
+    "quantize_model", "quantized_layers", "scheme_layer_specs", "split_attention",
 ]

@@ -17,9 +17,9 @@ from .base import Quantizer, check_bits
 from .coverage import layer_coverage, quantized_twin
 from .lcq import LCQQuantizer
 from .lsq import LSQQuantizer
-from .pot import PowerQuantizer
+from .pot import PowerQuantizer, WidePowerQuantizer
 
-WEIGHT_KINDS = ("lsq", "lcq", "pot", "post")
+WEIGHT_KINDS = ("lsq", "lcq", "pot", "post", "pot-wide", "post-wide")
 ACT_KINDS = ("lsq", "lcq", "asq")
 
 
@@ -82,6 +82,9 @@ def make_weight_quantizer(spec: QuantSpec, out_channels: int) -> Quantizer:
     if spec.kind in ("pot", "post"):
         root = 1 if spec.kind == "pot" else 2
         return PowerQuantizer(spec.bits, root, channels=channels, normalize=spec.normalize)
+    if spec.kind in ("pot-wide", "post-wide"):  # 2^b + 1 levels, as imported checkpoints
+        root = 1 if spec.kind == "pot-wide" else 2
+        return WidePowerQuantizer(spec.bits, root, channels=channels, normalize=spec.normalize)
     raise ValueError(f"unknown weight quantizer {spec.kind!r}; choose from {WEIGHT_KINDS}")
 
 
