@@ -107,12 +107,18 @@ def _load_image_folder(folder: Path, shape: tuple[int, ...]) -> CalibData:
     return _check(np.stack(images), y, str(folder), shape)
 
 
-def synthetic(count: int, shape: tuple[int, ...], seed: int = 0) -> CalibData:
-    """Uniform [0, 1) samples of the model's input shape (no labels)."""
+def synthetic(count: int, shape: tuple[int, ...], seed: int = 0,
+              vocab_size: int | None = None) -> CalibData:
+    """Uniform [0, 1) samples of the model's input shape (no labels); with ``vocab_size``,
+    uniform int64 token ids in [0, vocab_size)."""
     if count < 1:
         raise QConvertError(f"--synthetic needs at least one sample, got {count}")
     rng = np.random.default_rng(seed)
-    return CalibData(rng.random((count, *shape), dtype=np.float32), None, f"synthetic({count})")
+    if vocab_size is not None:
+        x = rng.integers(0, vocab_size, (count, *shape), dtype=np.int64)
+    else:
+        x = rng.random((count, *shape), dtype=np.float32)
+    return CalibData(x, None, f"synthetic({count})")
 
 
 def load_calibration(path: str | Path, shape: tuple[int, ...],

@@ -112,6 +112,7 @@ def export(checkpoint: Path, out: Path, opset: int, no_functions: bool, force: b
         result = export_checkpoint(ckpt, out, opset, not no_functions, force, integer,
                                    progress=lambda _: bar.update(1))
     summary = _export_summary(result, inspect_model(out), time.perf_counter() - started)
+    summary["coverage"] = ckpt.coverage.to_dict() if ckpt.coverage else None
     if optimize_for:
         from .optimized_file import write_optimized
 
@@ -122,6 +123,8 @@ def export(checkpoint: Path, out: Path, opset: int, no_functions: bool, force: b
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
+    for line in ckpt.coverage.lines() if ckpt.coverage else ():
+        click.echo(line)
     click.echo(f"{'layer':<28} {'weight':<10} {'act':<10} {'params':>8}")
     for layer in summary["layers"]:
         click.echo(f"{layer['name']:<28} {layer['weight']:<10} {layer['act']:<10} "
@@ -235,7 +238,8 @@ def validate(checkpoint: Path, model: Path, calib: Path | None, synthetic: int |
     ckpt = load_checkpoint(checkpoint, allow_pickle=allow_pickle)
     onnx_model = load_model(model)
     _check_provenance(ckpt, onnx_model, model, strict)
-    data = (calib_data.synthetic(synthetic, ckpt.input.shape) if synthetic is not None
+    data = (calib_data.synthetic(synthetic, ckpt.input.shape,
+                                 vocab_size=ckpt.input.vocab_size) if synthetic is not None
             else calib_data.load_calibration(calib, ckpt.input.shape, resize=resize))
     runtime = runtime or default_runtime()
     echo(f"runtime: {runtime}; data: {data.source}, {len(data.x)} samples")

@@ -68,9 +68,14 @@ def run_checked(model: nn.Module, x: torch.Tensor, which: str):
     return out
 
 
+def as_referee_input(x: torch.Tensor) -> torch.Tensor:
+    """The referee's input: float inputs in double, token ids as they are."""
+    return x.double() if x.is_floating_point() else x
+
+
 def run_referee(twin: nn.Module, x: torch.Tensor):
     try:
-        return run_checked(twin, x.double(), "the float64 referee")
+        return run_checked(twin, as_referee_input(x), "the float64 referee")
     except QConvertError:
         raise
     except Exception as exc:  # a user module that cannot run in double

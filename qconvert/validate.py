@@ -33,7 +33,7 @@ from .graph import scope_inputs
 from .manifest import LayerRecord, act_value, out_value
 from .preprocess import prepare_inputs
 from .quant import quantized_layers
-from .referee import float64_twin, quantizers, run_checked, run_referee
+from .referee import as_referee_input, float64_twin, quantizers, run_checked, run_referee
 from .runtime import Session
 
 ProgressFn = Callable[[int], None]
@@ -366,7 +366,7 @@ def _batches(data: CalibData, ckpt: Checkpoint, batch_size: int, limit: int | No
     count = len(data.x) if limit is None else min(limit, len(data.x))
     for start in range(0, count, batch_size):
         yield prepare_inputs(data.x[start:min(start + batch_size, count)], ckpt.input.shape,
-                             ckpt.input.mean, ckpt.input.std)
+                             ckpt.input.mean, ckpt.input.std, ckpt.input.vocab_size)
 
 
 def _onnx_outputs(session: Session, x: torch.Tensor, names: list[str] | None = None) -> list:
@@ -457,7 +457,7 @@ def _per_layer(ckpt, model, data, make_session, batch_size, limit, twin):
         for x in _batches(data, ckpt, batch_size, limit):
             with torch.no_grad():
                 ckpt.model(x)
-                twin(x.double())
+                twin(as_referee_input(x))
             results = dict(zip(names, _onnx_outputs(session, x, names), strict=True))
             checker.teacher_forced(captures.values)
             checker.free_running(results, captures.values, referee_captures.values)

@@ -26,7 +26,7 @@ from .deploy import DeployedLayer, to_deploy
 from .integer import to_integer
 from .weight_decode import fold_constant_decodes, is_weight_decode
 
-COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
+COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 @dataclass
@@ -120,8 +120,10 @@ def _layer_record(model: onnx.ModelProto, layer: DeployedLayer,
     """Where the layer's parts sit in the graph: its compute node, its weight decode, the
     nodes of its activation quantizer (without the ASQ adapter, which validation runs
     apart) and its named values."""
-    (compute,) = [n for n in scope_nodes(model.graph, layer.name)
-                  if n.op_type in COMPUTE_OPS and values["weight"] in n.input]
+    nodes = scope_nodes(model.graph, layer.name)
+    weight = {values["weight"]} | {n.output[0] for n in nodes  # Linear on [N, T, C]: MatMul(x, W^T)
+                                   if n.op_type == "Transpose" and n.input[0] == values["weight"]}
+    (compute,) = [n for n in nodes if n.op_type in COMPUTE_OPS and weight & set(n.input)]
     adapter = f"{layer.name}.act.adapter"
     return LayerRecord(
         name=layer.name, weight_kind=layer.weight_kind, weight_bits=layer.weight_bits,
@@ -173,7 +175,7 @@ def build_onnx(ckpt: Checkpoint, opset: int = 20, with_functions: bool = True,
         raise QConvertError(f"opset {opset} is outside the range the qconvert ops allow "
                             f"({MIN_OPSET}..{MAX_OPSET}); pick one in range with --opset")
     deploy, layers = to_deploy(ckpt.model, progress=progress)
-    example = torch.zeros((2, *ckpt.input.shape))
+    example = torch.zeros((2, *ckpt.input.shape), dtype=ckpt.input.torch_dtype)  # ids: 0
     model = _torch_export(deploy, example, opset)
     values = _name_layer_values(model, layers)
     for index, node in enumerate(model.graph.node):  # short names, recorded below

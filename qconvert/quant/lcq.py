@@ -41,7 +41,8 @@ def compress(v: torch.Tensor, slopes: torch.Tensor, offsets: torch.Tensor) -> to
 def expand(u: torch.Tensor, slopes: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """``f^-1(u) = d_k + (u - B_k) / g_k`` on the interval k whose image holds u."""
     intervals = slopes.numel()
-    k = (torch.searchsorted(offsets.detach(), u.detach(), right=True) - 1).clamp(0, intervals - 1)
+    below = torch.searchsorted(offsets.detach(), u.detach().contiguous(), right=True)
+    k = (below - 1).clamp(0, intervals - 1)
     d = interval_starts(intervals, u.dtype).to(u.device)
     return d[k] + (u - offsets[k]) / slopes[k]
 
