@@ -62,9 +62,12 @@ def _uniform_target(bits: int, signed: bool, outer: int,
 def _codes(g: GraphEdit, anchor, scope: str, x: str, scale: str, int_range, zero_point: int,
            axis: int | None = None, zp_value: str | None = None) -> str:
     """QuantizeLinear to uint8 and the Clip that holds the codes in ``int_range``."""
-    zp = zp_value or g.const(f"{scope}/int/act_zp", np.array(zero_point, np.uint8))
-    q = g.node(anchor, "QuantizeLinear", [x, scale, zp], **({} if axis is None else
-                                                             {"axis": axis}))
+    if axis is None:
+        zp = g.const(f"{scope}/int/act_zp", np.array(zero_point, np.uint8))
+        q = g.node(anchor, "QuantizeLinear", [x, scale, zp])
+    else:  # per-axis: no zero point means uint8 zero; else one per sample (``zp_value``)
+        q = g.node(anchor, "QuantizeLinear", [x, scale] + ([zp_value] if zp_value else []),
+                   axis=axis)
     lo, hi = int_range[0] + zero_point, int_range[1] + zero_point
     if (lo, hi) == (0, 255):
         return q

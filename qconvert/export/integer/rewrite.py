@@ -18,6 +18,7 @@ from .weights import WeightInfo, int_weight
 
 MIN_OUTER_BITS, MAX_OUTER_BITS = 2, 8
 CALIB_SAMPLES, CALIB_BATCH = 256, 64
+RESIDUAL_DOMAINS = ("float", "quantized")
 GRAPH_KEY = "#graph"  # manifest.integer entry for the whole graph (not a layer)
 
 
@@ -41,6 +42,8 @@ class Requant:
     scale: float | None = None
     zero_point: int = 0
     non_negative: bool = False  # calibrate from 0: only a Relu reads it
+    grid: float | None = None  # a quantizer's step to use when its uint8 range covers the
+    # values: the quantizer then reads the codes as they are
 
 
 def _batchnorm_after(g: GraphEdit, value: str) -> onnx.NodeProto | None:
@@ -171,6 +174,29 @@ def _output_requant(g: GraphEdit, value: str, quantizers: dict[int, IntAct],
     return "calibrated", [Requant(value, non_negative=only_relu)]
 
 
+def _residual_requants(g: GraphEdit, graph_outputs: set[str],
+                       quantizers: dict[int, IntAct]) -> list[Requant]:
+    """Quantized-domain residual additions: the sum (after its Relu, when one reads it)
+    goes through uint8, so ONNX Runtime runs DequantizeLinear -> Add -> QuantizeLinear as
+    one QLinearAdd. The grid is the step of the uniform quantizer that reads the sum when
+    255 steps cover the sum's range (that quantizer's codes are then the sum's own), else
+    calibrated."""
+    requants = []
+    for node in g.model.graph.node:
+        if node.op_type != "Add" or any(g.is_const(i) or i not in g.producers
+                                        for i in node.input):
+            continue
+        value, readers = node.output[0], g.consumers.get(node.output[0], [])
+        relu = len(readers) == 1 and readers[0].op_type == "Relu"
+        if relu:
+            value = readers[0].output[0]
+        grids = [a.scale for a in (quantizers.get(id(r)) for r in g.consumers.get(value, []))
+                 if a is not None and a.info.kind == "lsq" and a.zero_point == 0]
+        if value not in graph_outputs:
+            requants.append(Requant(value, non_negative=relu, grid=grids[0] if grids else None))
+    return requants
+
+
 def _prune(model: onnx.ModelProto) -> None:
     """Drop nodes whose outputs nobody reads, then unread initializers and functions."""
     graph = model.graph
@@ -215,6 +241,9 @@ def _calibrate(model: onnx.ModelProto, requants: list[Requant], inputs: np.ndarr
     for r in wanted:
         low = 0.0 if r.non_negative else lo[r.value]
         span = hi[r.value] - low
+        if r.grid is not None and low == 0.0 and hi[r.value] <= 255 * r.grid:
+            r.scale, r.zero_point = r.grid, 0
+            continue
         r.scale = float(np.float32(span / 255)) if span > 0 else 1.0
         r.zero_point = int(np.clip(np.round(-low / r.scale), 0, 255))
 
@@ -242,6 +271,30 @@ def _insert_requants(model: onnx.ModelProto, requants: list[Requant]) -> None:
                 name=f"{key}_dq"))
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+
+
+def _skip_requantize_pairs(model: onnx.ModelProto) -> None:
+    """QuantizeLinear(DequantizeLinear(q)) with the same scale and zero point is q: the
+    reader takes q directly (an exact identity; ONNX Runtime would run both)."""
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+
+    def params(node):
+        if not all(i in inits for i in node.input[1:3]) or len(node.input) < 3:
+            return None
+        return inits[node.input[1]].tobytes(), inits[node.input[2]].tobytes(), \
+            inits[node.input[2]].dtype
+
+    rename: dict[str, str] = {}
+    for node in model.graph.node:
+        dq = producers.get(node.input[0]) if node.op_type == "QuantizeLinear" else None
+        if dq is not None and dq.op_type == "DequantizeLinear" and params(dq) is not None \
+                and params(dq) == params(node):
+            rename[node.output[0]] = dq.input[0]
+    for node in model.graph.node:
+        for k, name in enumerate(node.input):
+            if name in rename:
+                node.input[k] = rename[name]
 
 
 def _residual_summary(model: onnx.ModelProto) -> dict[str, int]:
@@ -272,7 +325,7 @@ def _calibration_inputs(man: manifest.Manifest, calib: np.ndarray | None) -> np.
 
 
 def to_integer(model: onnx.ModelProto, outer_bits: int, *, wide_act_step: str = "sqrt",
-               calib: np.ndarray | None = None) -> onnx.ModelProto:
+               calib: np.ndarray | None = None, residual: str = "float") -> onnx.ModelProto:
     """The integer-mode twin of an exact-mode qconvert model (a new ModelProto): every
     quantized Conv / Gemm reads uint8 activation codes and int8 per-channel weights through
     DequantizeLinear and writes QuantizeLinear'd outputs, the QDQ form ONNX Runtime runs as
@@ -282,8 +335,12 @@ def to_integer(model: onnx.ModelProto, outer_bits: int, *, wide_act_step: str = 
     outputs that no quantizer of the QAT model covers (residual branches, LCQ inputs);
     without it, standard-normal samples. ``wide_act_step`` picks the grid of an LSQ / ASQ
     activation wider than b': ``sqrt`` (step ratio sqrt(Qp_b / Qp_b'), LSQ's init rule) or
-    ``range`` (ratio Qp_b / Qp_b', keeps the clip range).
+    ``range`` (ratio Qp_b / Qp_b', keeps the clip range). ``residual``: ``float`` keeps the
+    residual stream in float as the QAT model does; ``quantized`` puts each sum on a
+    calibrated uint8 grid so ONNX Runtime fuses the addition (QLinearAdd).
     """
+    if residual not in RESIDUAL_DOMAINS:
+        raise QConvertError(f"residual {residual!r}: choose from {RESIDUAL_DOMAINS}")
     if wide_act_step not in WIDE_ACT_STEPS:
         raise QConvertError(f"wide_act_step {wide_act_step!r}: choose from {WIDE_ACT_STEPS}")
     if not MIN_OUTER_BITS <= int(outer_bits) <= MAX_OUTER_BITS:
@@ -318,10 +375,14 @@ def to_integer(model: onnx.ModelProto, outer_bits: int, *, wide_act_step: str = 
         if not info.output:
             info.output, needed = _output_requant(g, finals[name], quantizers, graph_outputs)
             requants.extend(needed)
+    if residual == "quantized":
+        requants.extend(_residual_requants(g, graph_outputs, quantizers))
     g.assemble()
     _prune(out)
     _calibrate(out, requants, _calibration_inputs(man, calib))
     _insert_requants(out, requants)
+    _skip_requantize_pairs(out)
+    _prune(out)
     manifest.write(out, _integer_manifest(man, outer, layers, _residual_summary(out)))
     try:
         onnx.checker.check_model(out, full_check=True)
