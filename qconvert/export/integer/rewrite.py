@@ -170,8 +170,11 @@ def _output_requant(g: GraphEdit, value: str, quantizers: dict[int, IntAct],
         chain.append(reader)
         current = reader.output[0]
     readers = g.consumers.get(value, [])
-    only_relu = bool(readers) and all(n.op_type == "Relu" for n in readers)
-    return "calibrated", [Requant(value, non_negative=only_relu)]
+    if len(readers) == 1 and readers[0].op_type == "Relu" and value not in graph_outputs \
+            and readers[0].output[0] not in graph_outputs:
+        # after the Relu: ONNX Runtime folds it into the requantization (zero point 0)
+        return "calibrated", [Requant(readers[0].output[0], non_negative=True)]
+    return "calibrated", [Requant(value)]
 
 
 def _residual_requants(g: GraphEdit, graph_outputs: set[str],
@@ -311,7 +314,10 @@ def _residual_summary(model: onnx.ModelProto) -> dict[str, int]:
         if n.op_type != "Add" or any(i not in producers for i in n.input):
             continue
         dq_in = all(producers[i].op_type == "DequantizeLinear" for i in n.input)
-        q_out = [r.op_type for r in readers.get(n.output[0], [])] == ["QuantizeLinear"]
+        after = readers.get(n.output[0], [])
+        if [r.op_type for r in after] == ["Relu"]:  # folded into the requantization
+            after = readers.get(after[0].output[0], [])
+        q_out = [r.op_type for r in after] == ["QuantizeLinear"]
         counts["quantized" if dq_in and q_out else "float"] += 1
     return counts
 

@@ -19,6 +19,7 @@ from .edit import GraphEdit
 # products in int16 with saturation: a layer whose activation codes reach A needs
 # 2 * A * max|w| <= 32767 to stay exact.
 INT16_PAIR_LIMIT = 32767
+EXACT_REL_RMS = 1e-6  # float32 rounding of the step and the table entries, nothing more
 
 
 @dataclass
@@ -27,7 +28,7 @@ class WeightInfo:
     bits: int
     grid: str  # tensor | channel: how many steps the re-grid chose
     max_int: int  # the largest |integer| allowed (b' bits, or less against saturation)
-    exact: bool  # every decoded weight is an integer multiple of its step
+    exact: bool  # every decoded weight is an integer multiple of its step (to float32 rounding)
     max_abs_error: float
     rel_rms_error: float
     table_entries: int
@@ -87,11 +88,10 @@ def int_weight(g: GraphEdit, weight: WeightRecord, outer: int, max_act_code: int
     ints = int_rows[row_of, codes]
     rebuilt = ints.reshape(used.shape) * steps[:, None].astype(np.float64)
     error = rebuilt - used
+    rel_rms = float(np.sqrt((error**2).sum() / max((used.astype(np.float64)**2).sum(), 1e-30)))
     info = WeightInfo(
         weight.decode, weight.bits, "channel" if steps.size > 1 else "tensor", int(max_int),
-        bool(np.all(error == 0)), float(np.abs(error).max()),
-        float(np.sqrt((error**2).sum() / max((used.astype(np.float64)**2).sum(), 1e-30))),
-        int(table.size))
+        rel_rms < EXACT_REL_RMS, float(np.abs(error).max()), rel_rms, int(table.size))
     step_per_channel = np.repeat(steps, channels // steps.size) if steps.size > 1 else \
         np.full(channels, steps[0], np.float32)
     return IntWeight(ints.reshape(weight.shape).astype(np.int8),
