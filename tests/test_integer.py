@@ -434,3 +434,31 @@ def test_shipped_checkpoint_at_8_bits(path):
     report = validate(ckpt, to_integer(exact, 8, calib=x), data, _function, per_layer=False)
     assert report.top1_agreement >= 0.99
     assert abs(report.onnx_accuracy - report.torch_accuracy) <= 0.01
+
+
+# ------------------------------------------------------------------ inspect
+
+
+def test_inspect_counts_integer_macs_and_lut_bytes(trained, tmp_path):
+    """Integer MACs per layer against PyTorch's own layer shapes; LUT bytes are the LCQ
+    activation tables; int8 weights are one byte per parameter."""
+    from qconvert.inspect_model import inspect_model
+    case = trained("lcq")
+    path = tmp_path / "integer.onnx"
+    onnx.save(case.integer(8), str(path))
+    info = inspect_model(path, macs=True)
+    want: dict[str, int] = {}
+    hooks = [module.register_forward_hook(
+        lambda m, _, out, name=name: want.__setitem__(
+            name, out[0].numel() * m.weight[0].numel()))
+        for name, module in case.ckpt.model.named_modules()
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) and name in LAYERS]
+    with torch.no_grad():
+        case.ckpt.model(torch.from_numpy(case.inputs(1)))
+    for hook in hooks:
+        hook.remove()
+    assert {layer.layer: layer.macs for layer in info.layers} == want
+    assert info.integer_macs == sum(want.values())
+    assert info.lut_bytes == 4 * 16 * sum(n.op_type == "CompandQuant"
+                                          for n in case.integer(8).graph.node)
+    assert all(layer.code_bytes == layer.params for layer in info.layers)
