@@ -124,7 +124,7 @@ def bench_target(target: str, args, tmp: Path) -> list[dict]:
         label = Path(target).stem
     files = {"fp32": tmp / "fp32.onnx", "ort_u8s8": tmp / "u8s8.onnx",
              "ort_s8s8": tmp / "s8s8.onnx", "exact": tmp / "exact.onnx",
-             "integer": tmp / "integer.onnx", "integer_qres": tmp / "integer_qres.onnx"}
+             "integer": tmp / "integer.onnx", "integer_float_residual": tmp / "integer_fres.onnx"}
     export_float(float_model(ckpt), tuple(ckpt.input.shape), files["fp32"])
     quantize_u8s8(files["fp32"], files["ort_u8s8"], samples)
     quantize_int8(files["fp32"], files["ort_s8s8"], samples)
@@ -133,8 +133,8 @@ def bench_target(target: str, args, tmp: Path) -> list[dict]:
     integer = to_integer(exact, args.bits, calib=samples)
     onnx.save(integer, str(files["integer"]))
     print(f"== {label}: {integer_summary(integer)}", flush=True)
-    quantized_residual = to_integer(exact, args.bits, calib=samples, residual="quantized")
-    onnx.save(quantized_residual, str(files["integer_qres"]))
+    float_residual = to_integer(exact, args.bits, calib=samples, residual="float")
+    onnx.save(float_residual, str(files["integer_float_residual"]))
     sessions = {k: plain_session(p, args.threads) for k, p in files.items()}
     rows = []
     for batch in args.batch:
@@ -216,7 +216,7 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--agreement", action="store_true",
                         help="agreement of the shipped checkpoints instead of latency")
-    parser.add_argument("--residual", default="quantized", choices=["float", "quantized"])
+    parser.add_argument("--residual", default="auto", choices=["auto", "float", "quantized"])
     args = parser.parse_args()
     print(f"load average {os.getloadavg()}; onnxruntime {ort.__version__}", flush=True)
     if args.agreement:

@@ -329,7 +329,8 @@ def test_agreement_at_8_bits(trained, scheme):
 
 
 def test_quantized_residual_agrees_with_float_residual():
-    """ResNet-20's residual additions in uint8 (fused QLinearAdd) against float."""
+    """ResNet-20's residual additions in uint8 (fused QLinearAdd); ``auto`` keeps them
+    there when they agree as well as float ones."""
     path = ROOT / "models" / "checkpoints" / "resnet20-lsq-w4a4.pt"
     if not path.is_file() or not CALIB.is_file():
         pytest.skip("no shipped ResNet-20 checkpoint")
@@ -343,6 +344,10 @@ def test_quantized_residual_agrees_with_float_residual():
     assert residual["quantized"] >= 8
     report = validate(ckpt, model, data, _function, per_layer=False)
     assert report.top1_agreement >= 0.99
+    floating = to_integer(exact, 8, calib=x, residual="float")
+    assert manifest.read(floating).integer["#graph"]["residual_adds"]["quantized"] == 0
+    chosen = manifest.read(to_integer(exact, 8, calib=x)).integer["#graph"]["residual_adds"]
+    assert chosen == residual  # agreement holds on this model: quantized
 
 
 @pytest.mark.skipif(library_path() is None, reason="native library not built")

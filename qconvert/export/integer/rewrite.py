@@ -331,7 +331,7 @@ def _calibration_inputs(man: manifest.Manifest, calib: np.ndarray | None) -> np.
 
 
 def to_integer(model: onnx.ModelProto, outer_bits: int, *, wide_act_step: str = "sqrt",
-               calib: np.ndarray | None = None, residual: str = "float") -> onnx.ModelProto:
+               calib: np.ndarray | None = None, residual: str = "auto") -> onnx.ModelProto:
     """The integer-mode twin of an exact-mode qconvert model (a new ModelProto): every
     quantized Conv / Gemm reads uint8 activation codes and int8 per-channel weights through
     DequantizeLinear and writes QuantizeLinear'd outputs, the QDQ form ONNX Runtime runs as
@@ -342,9 +342,37 @@ def to_integer(model: onnx.ModelProto, outer_bits: int, *, wide_act_step: str = 
     without it, standard-normal samples. ``wide_act_step`` picks the grid of an LSQ / ASQ
     activation wider than b': ``sqrt`` (step ratio sqrt(Qp_b / Qp_b'), LSQ's init rule) or
     ``range`` (ratio Qp_b / Qp_b', keeps the clip range). ``residual``: ``float`` keeps the
-    residual stream in float as the QAT model does; ``quantized`` puts each sum on a
-    calibrated uint8 grid so ONNX Runtime fuses the addition (QLinearAdd).
+    residual stream in float as the QAT model does; ``quantized`` puts each sum on a uint8
+    grid so ONNX Runtime fuses the addition (QLinearAdd); ``auto`` (default) takes
+    ``quantized`` unless its top-1 agreement with the exact-mode model (bit-exact with
+    PyTorch) on the calibration inputs is below the float form's.
     """
+    if residual not in RESIDUAL_DOMAINS + ("auto",):
+        raise QConvertError(f"residual {residual!r}: choose from auto, "
+                            f"{', '.join(RESIDUAL_DOMAINS)}")
+    if residual != "auto":
+        return _to_integer(model, outer_bits, wide_act_step, calib, residual)
+    quantized = _to_integer(model, outer_bits, wide_act_step, calib, "quantized")
+    if not manifest.read(quantized).integer[GRAPH_KEY]["residual_adds"]["quantized"]:
+        return quantized
+    floating = _to_integer(model, outer_bits, wide_act_step, calib, "float")
+    inputs = _calibration_inputs(manifest.read(model), calib)
+    want = _top1(model, inputs)
+    if (_top1(quantized, inputs) == want).mean() >= (_top1(floating, inputs) == want).mean():
+        return quantized
+    return floating
+
+
+def _top1(model: onnx.ModelProto, inputs: np.ndarray) -> np.ndarray:
+    from ...runtime import session  # runtime imports the export package
+    sess = session(model, "function", announce=None)
+    return np.concatenate([sess.run({manifest.INPUT_NAME: inputs[i:i + CALIB_BATCH]})[0]
+                           .argmax(1) for i in range(0, len(inputs), CALIB_BATCH)])
+
+
+def _to_integer(model: onnx.ModelProto, outer_bits: int, wide_act_step: str,
+                calib: np.ndarray | None, residual: str) -> onnx.ModelProto:
+    """to_integer with the residual domain fixed."""
     if residual not in RESIDUAL_DOMAINS:
         raise QConvertError(f"residual {residual!r}: choose from {RESIDUAL_DOMAINS}")
     if wide_act_step not in WIDE_ACT_STEPS:
