@@ -74,7 +74,9 @@ def _human(n: float) -> str:
 @click.option("--outer-bits", default="8", show_default=True,
               help="Integer mode: b' in 2..8, or 'auto' (smallest meeting --min-agreement on "
                    "--calib).")
-@click.option("--calib", type=click.Path(path_type=Path), help="Data for --outer-bits auto.")
+@click.option("--calib", type=click.Path(path_type=Path),
+              help="Integer mode: data to calibrate on and, for --outer-bits auto, to measure "
+                   "agreement on.")
 @click.option("--min-agreement", default=0.995, show_default=True,
               help="Top-1 agreement --outer-bits auto must reach.")
 @click.option("--allow-pickle", is_flag=True,
@@ -108,10 +110,15 @@ def export(checkpoint: Path, out: Path, opset: int, no_functions: bool, force: b
     ckpt = load_checkpoint(checkpoint, allow_pickle=allow_pickle)
     count = sum(1 for _ in ckpt.layer_specs)
     integer = _outer_bits(ckpt, outer_bits, calib, min_agreement) if mode == "integer" else None
+    integer_calib = _integer_calibration(ckpt, calib) if mode == "integer" and calib else None
     with click.progressbar(length=count, label="folding layers", file=sys.stderr) as bar:
         result = export_checkpoint(ckpt, out, opset, not no_functions, force, integer,
-                                   progress=lambda _: bar.update(1))
+                                   integer_calib, progress=lambda _: bar.update(1))
     summary = _export_summary(result, inspect_model(out), time.perf_counter() - started)
+    if mode == "integer":
+        from .export.integer import integer_summary
+
+        summary["integer"] = integer_summary(result.model)
     summary["coverage"] = ckpt.coverage.to_dict() if ckpt.coverage else None
     if optimize_for:
         from .optimized_file import write_optimized
@@ -135,6 +142,8 @@ def export(checkpoint: Path, out: Path, opset: int, no_functions: bool, force: b
                f"{summary['size_vs_ideal']:.2f}x ideal packed "
                f"({_human(summary['ideal_bytes'])}), {summary['size_vs_fp32']:.3f}x FP32 "
                f"({_human(summary['fp32_bytes'])}); {summary['seconds']:.1f} s")
+    if mode == "integer":
+        click.echo(summary["integer"])
     if optimize_for:
         click.echo(f"wrote {summary['optimized']['path']}: "
                    f"{_human(summary['optimized']['file_bytes'])}, ONNX Runtime's optimized "
@@ -153,6 +162,16 @@ def _export_summary(result, info, seconds: float) -> dict:
         "fp32_bytes": info.fp32_bytes, "size_vs_ideal": info.file_bytes / info.ideal_bytes,
         "size_vs_fp32": info.file_bytes / info.fp32_bytes, "seconds": seconds,
     }
+
+
+def _integer_calibration(ckpt, calib: Path):
+    """Normalised model inputs from --calib, for integer mode's requantized outputs."""
+    from . import calib as calib_data
+    from .preprocess import prepare_inputs
+
+    data = calib_data.load_calibration(calib, ckpt.input.shape)
+    return prepare_inputs(data.x, ckpt.input.shape, ckpt.input.mean, ckpt.input.std,
+                          ckpt.input.vocab_size).numpy()
 
 
 def _outer_bits(ckpt, outer_bits: str, calib: Path | None, min_agreement: float):

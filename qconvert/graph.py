@@ -59,3 +59,13 @@ def with_nodes_replaced(model: onnx.ModelProto, replaced: dict[int, onnx.NodePro
     out.graph.node.extend(new for n in model.graph.node
                           if (new := replaced.get(id(n), n)) is not None)
     return out
+
+
+def with_extra_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also returns the float values ``names``."""
+    extended = onnx.ModelProto()
+    extended.CopyFrom(model)
+    existing = {o.name for o in extended.graph.output}
+    extended.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+                                 for n in names if n not in existing)
+    return extended

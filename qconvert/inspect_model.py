@@ -43,6 +43,7 @@ class Inspection:
     adapter_params: int
     macs: int | None  # None: not computed (inspect_model(..., macs=True) computes them)
     adapter_macs: int | None
+    integer_macs: int | None = None  # integer mode: the quantized layers' u8 x s8 MACs
     metadata: dict = field(default_factory=dict)
     layers: list[LayerStorage] = field(default_factory=list)
 
@@ -102,11 +103,13 @@ def _storage(man: Manifest, inits: dict[str, onnx.TensorProto]) -> list[LayerSto
     layers = []
     for record in man.layers:
         weight = record.weight
-        table_bytes = (man.integer[record.name]["weight"]["lut_bytes"] if record.name in
-                       man.integer else _initializer_bytes(inits[weight.params]))
+        if record.name in man.integer:  # int8 weights, no table (LCQ levels: lut_bytes)
+            code_bytes, table_bytes = man.integer[record.name]["int8_weight_bytes"], 0
+        else:
+            code_bytes = _initializer_bytes(inits[weight.codes])
+            table_bytes = _initializer_bytes(inits[weight.params])
         layers.append(LayerStorage(record.name, weight.decode, weight.bits,
-                                   math.prod(weight.shape),
-                                   _initializer_bytes(inits[weight.codes]), table_bytes))
+                                   math.prod(weight.shape), code_bytes, table_bytes))
     return layers
 
 
@@ -145,6 +148,8 @@ def inspect_model(path: str | Path, macs: bool = False) -> Inspection:
         lut_bytes=table_bytes + sum(_initializer_bytes(inits[n.input[4]]) for n in model.graph.node
                                     if n.op_type == "CompandQuant" and n.input[4] in inits),
         adapter_params=adapter_params, macs=total_macs, adapter_macs=adapter_macs,
+        integer_macs=(sum(layer.macs for layer in layers)
+                      if macs and man.mode == "integer" else None),
         metadata=manifest.metadata(model), layers=layers,
     )
 
@@ -153,14 +158,13 @@ def _count_macs(model: onnx.ModelProto, man: Manifest, layers: list[LayerStorage
                 adapter_nodes: list[onnx.NodeProto],
                 inits: dict[str, onnx.TensorProto]) -> tuple[int, int]:
     """(all MACs, adapter MACs) per sample; each layer's share goes into its storage row.
-    An integer-mode POST layer runs two integer convolutions (``branches``)."""
+    In integer mode every quantized layer's MACs are integer (u8 x s8) MACs."""
     by_name = {n.name: n for n in model.graph.node}
     nodes = [by_name[r.compute_node] for r in man.layers] + adapter_nodes
     shapes = _compute_shapes(model, nodes, man.input_shape)
     for record, layer in zip(man.layers, layers, strict=True):
         node = by_name[record.compute_node]
-        branches = man.integer.get(record.name, {}).get("weight", {}).get("branches", 1)
-        layer.macs = branches * _macs(node.op_type, shapes[node.output[0]], record.weight.shape)
+        layer.macs = _macs(node.op_type, shapes[node.output[0]], record.weight.shape)
     adapter = sum(_macs(n.op_type, shapes[n.output[0]], list(inits[n.input[1]].dims))
                   for n in adapter_nodes)
     return sum(layer.macs for layer in layers) + adapter, adapter

@@ -9,6 +9,7 @@ import onnx
 
 from .errors import QConvertError
 from .export.integer import to_integer
+from .preprocess import prepare_inputs
 from .runtime import session
 from .validate import validate
 
@@ -24,8 +25,9 @@ def choose_outer_bits(exact_model: onnx.ModelProto, ckpt, data, min_agreement: f
         def make_session(m):
             return session(m, announce=None)
     agreements: dict[int, float] = {}
+    calib = prepare_inputs(data.x, ckpt.input.shape, ckpt.input.mean, ckpt.input.std).numpy()
     for bits in sorted(set(int(b) for b in candidates)):
-        report = validate(ckpt, to_integer(exact_model, bits), data, make_session,
+        report = validate(ckpt, to_integer(exact_model, bits, calib=calib), data, make_session,
                           batch_size=batch_size, per_layer=False)
         agreements[bits] = report.top1_agreement
         if report.top1_agreement >= min_agreement:

@@ -29,7 +29,7 @@ from . import manifest
 from .calib import CalibData
 from .checkpoint import Checkpoint
 from .errors import QConvertError
-from .graph import scope_inputs
+from .graph import scope_inputs, with_extra_outputs
 from .manifest import LayerRecord, act_value, out_value
 from .preprocess import prepare_inputs
 from .quant import quantized_layers
@@ -215,15 +215,6 @@ class _ZeroWatch:
     def close(self) -> None:
         for handle in self.handles:
             handle.remove()
-
-
-def with_extra_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    extended = onnx.ModelProto()
-    extended.CopyFrom(model)
-    existing = {o.name for o in extended.graph.output}
-    extended.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
-                                 for n in names if n not in existing)
-    return extended
 
 
 def quantizer_submodel(model: onnx.ModelProto, node_names: list[str]) -> onnx.ModelProto:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 
@@ -231,17 +232,20 @@ OuterBits = int | Callable[[onnx.ModelProto], int] | None
 
 def export_checkpoint(ckpt: Checkpoint, out: str | Path, opset: int = 20,
                       with_functions: bool = True, force: bool = False,
-                      outer_bits: OuterBits = None, progress=None) -> ExportResult:
+                      outer_bits: OuterBits = None, integer_calib: np.ndarray | None = None,
+                      progress=None) -> ExportResult:
     """Checkpoint -> ONNX file: the one entry point of the CLI, bench and benchmarks.
 
     ``outer_bits`` asks for integer mode (docs/integer-mode.md): a b' in 2..8, or a
-    function that picks b' given the exact-mode model (the CLI's ``--outer-bits auto``).
+    function that picks b' given the exact-mode model (the CLI's ``--outer-bits auto``);
+    ``integer_calib`` (normalised model inputs) calibrates the integer model's requantized
+    outputs that no QAT quantizer covers.
     """
     out = Path(out)
     check_output_path(out, force)  # fail before the slow part
     model, layers = build_onnx(ckpt, opset, with_functions, progress)
     if outer_bits is not None:
         bits = outer_bits(model) if callable(outer_bits) else outer_bits
-        model = to_integer(model, bits)
+        model = to_integer(model, bits, calib=integer_calib)
     size = write_atomically(model, out, force)
     return ExportResult(out, model, layers, size)

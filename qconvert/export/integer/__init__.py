@@ -1,6 +1,15 @@
-"""Integer / LUT deployment mode (docs/integer-mode.md): ConvInteger / MatMulInteger on
-b'-bit codes with one float rescale per layer, a rewrite of the exact-mode model."""
+"""Integer mode (docs/integer-mode.md): uint8 activation codes and int8 per-channel weights
+in the QDQ form ONNX Runtime fuses into QLinearConv / QGemm, a rewrite of the exact-mode
+model."""
 
-from .rewrite import MAX_OUTER_BITS, MIN_OUTER_BITS, integer_details, lut_bytes, to_integer
+from .rewrite import (
+    MAX_OUTER_BITS,
+    MIN_OUTER_BITS,
+    integer_details,
+    integer_summary,
+    lut_bytes,
+    to_integer,
+)
 
-__all__ = ["MAX_OUTER_BITS", "MIN_OUTER_BITS", "integer_details", "lut_bytes", "to_integer"]
+__all__ = ["MAX_OUTER_BITS", "MIN_OUTER_BITS", "integer_details", "integer_summary",
+           "lut_bytes", "to_integer"]

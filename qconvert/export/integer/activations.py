@@ -1,4 +1,5 @@
-"""Layer inputs as uint8 codes on the b'-bit grid (docs/integer-mode.md)."""
+"""Layer inputs as uint8 codes, zero point 0 for unsigned quantizers: QuantizeLinear, a Clip
+on uint8 for the quantizer's ceiling, DequantizeLinear (docs/integer-mode.md)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import onnx
 from ...errors import QConvertError
 from ...ops import DOMAIN
 from ...ops.adaptive_step import code_range
-from .edit import ZERO_POINT_SIGNED, GraphEdit, node_attrs
+from .edit import GraphEdit, node_attrs
 
 WIDE_ACT_STEPS = ("sqrt", "range")
 
@@ -23,21 +24,27 @@ class ActInfo:
     signed: bool
     scale: float | None  # None: per sample (ASQ)
     zero_point: int
-    exact: bool  # codes equal the exact-mode quantizer's (times a constant)
-    int_range: tuple[int, int]
+    exact: bool  # codes equal the exact-mode quantizer's
+    int_range: tuple[int, int]  # codes before the zero point is added
     lut_entries: int = 0
     lut_bytes: int = 0  # as stored (float32)
 
 
 @dataclass
 class IntAct:
-    """A layer input as uint8 codes: value name, zero-point initializer, and its scale."""
+    """A layer input: the DequantizeLinear output the layer reads, and how it was made."""
 
     value: str
-    zero_point: str
-    scale: float | None  # per tensor
-    scale_value: str | None  # per sample: [N] float value
+    scale: float  # the DequantizeLinear scale (1.0 for ASQ: its step is per sample)
+    zero_point: int
+    scale_value: str | None  # ASQ: the per-sample step, [N]
+    quantizer: onnx.NodeProto  # the exact-mode quantizer node it replaces
     info: ActInfo
+
+    @property
+    def max_code(self) -> int:
+        """The largest uint8 value the layer's convolution reads."""
+        return self.info.int_range[1] + self.zero_point
 
 
 def _uniform_target(bits: int, signed: bool, outer: int,
@@ -52,48 +59,79 @@ def _uniform_target(bits: int, signed: bool, outer: int,
     return (math.sqrt(ratio) if wide == "sqrt" else ratio), code_range(outer, signed), False
 
 
-def _clip_u8(g: GraphEdit, before, scope: str, value: str, int_range, zero_point: int) -> str:
+def _codes(g: GraphEdit, anchor, scope: str, x: str, scale: str, int_range, zero_point: int,
+           axis: int | None = None, zp_value: str | None = None) -> str:
+    """QuantizeLinear to uint8 and the Clip that holds the codes in ``int_range``."""
+    if axis is None:
+        zp = g.const(f"{scope}/int/act_zp", np.array(zero_point, np.uint8))
+        q = g.node(anchor, "QuantizeLinear", [x, scale, zp])
+    else:  # per-axis: no zero point means uint8 zero; else one per sample (``zp_value``)
+        q = g.node(anchor, "QuantizeLinear", [x, scale] + ([zp_value] if zp_value else []),
+                   axis=axis)
     lo, hi = int_range[0] + zero_point, int_range[1] + zero_point
     if (lo, hi) == (0, 255):
-        return value
-    return g.node(before, scope, "Clip", [value,
-                  g.const(f"{scope}/int/clip_lo", np.array(lo, np.uint8)),
-                  g.const(f"{scope}/int/clip_hi", np.array(hi, np.uint8))])
+        return q
+    return g.node(anchor, "Clip", [q, g.const(f"{scope}/int/clip_lo", np.array(lo, np.uint8)),
+                                   g.const(f"{scope}/int/clip_hi", np.array(hi, np.uint8))])
 
 
-def int_act(g: GraphEdit, act: str, before: onnx.NodeProto, scope: str, outer: int,
-             wide: str) -> IntAct:
+def int_act(g: GraphEdit, act: str, scope: str, outer: int, wide: str) -> IntAct:
     node = g.producers.get(act)
     if node is None:
         raise QConvertError(f"layer {scope}: its input is not a quantized activation")
     if node.domain == DOMAIN and node.op_type == "CompandQuant":
-        return _lcq_act(g, node, before, scope, outer)
+        return _lcq_act(g, node, scope, outer)
     if node.domain == DOMAIN and node.op_type == "AdaptiveStep":
-        return _asq_act(g, node, before, scope, outer, wide)
+        return _asq_act(g, node, scope, outer, wide)
     if node.domain == DOMAIN and node.op_type == "UniformQuant":
-        return _lsq_act(g, node, before, scope, outer, wide)
+        return _lsq_act(g, node, scope, outer, wide)
     raise QConvertError(f"layer {scope}: unsupported activation quantizer "
                         f"{node.domain + '::' if node.domain else ''}{node.op_type}")
 
 
-def _lsq_act(g: GraphEdit, node: onnx.NodeProto, before, scope: str, outer: int,
-             wide: str) -> IntAct:
+def _ceiling_of_relu6(g: GraphEdit, node: onnx.NodeProto, scale: float) -> int | None:
+    """A Clip(0, c) feeding only this quantizer becomes a Relu, and c a code ceiling:
+    round(min(v, c) / s) = min(round(v / s), round(c / s)) since rounding is monotone."""
+    clip = g.producers.get(node.input[0])
+    if (clip is None or clip.op_type != "Clip" or len(clip.input) < 3
+            or len(g.consumers.get(clip.output[0], [])) != 1
+            or not all(g.is_const(i) for i in clip.input[1:3])):
+        return None
+    lo, hi = (float(g.array(i).reshape(-1)[0]) for i in clip.input[1:3])
+    if lo != 0.0:
+        return None
+    clip.op_type = "Relu"
+    del clip.input[1:]
+    return int(np.round(np.float32(hi) / np.float32(scale)))
+
+
+def _lsq_act(g: GraphEdit, node: onnx.NodeProto, scope: str, outer: int, wide: str) -> IntAct:
     attrs = node_attrs(node)
     bits, signed = int(attrs["bits"]), bool(attrs["signed"])
-    step = float(g.array(node.input[1]).reshape(-1)[0])
+    step = g.array(node.input[1]).reshape(-1)
+    if step.size != 1:
+        raise QConvertError(f"layer {scope}: per-channel activation steps are not supported "
+                            "by integer mode; keep the exact mode")
     ratio, int_range, exact = _uniform_target(bits, signed, outer, wide)
-    scale = float(np.float32(step * ratio))
-    zp = ZERO_POINT_SIGNED if signed else 0
-    zp_name = g.const(f"{scope}/int/act_zero_point", np.array(zp, np.uint8))
-    q = g.node(before, scope, "QuantizeLinear",
-               [node.input[0], g.const(f"{scope}/int/act_scale", np.array(scale, np.float32)),
-                zp_name])
-    q = _clip_u8(g, before, scope, q, int_range, zp)
-    return IntAct(q, zp_name, scale, None, ActInfo("lsq", bits, signed, scale, zp, exact,
-                                                   int_range))
+    scale = float(np.float32(float(step[0]) * ratio))
+    if not signed:
+        ceiling = _ceiling_of_relu6(g, node, scale)
+        if ceiling is not None and ceiling < int_range[1]:
+            int_range = (int_range[0], max(ceiling, 0))
+    zp = -int_range[0] if signed else 0
+    s = g.const(f"{scope}/int/act_scale", np.array(scale, np.float32))
+    codes = _codes(g, node, scope, node.input[0], s, int_range, zp)
+    g.node(node, "DequantizeLinear", [codes, s, g.const(f"{scope}/int/act_dq_zp",
+                                                         np.array(zp, np.uint8))],
+           output=node.output[0])
+    g.drop(node)
+    return IntAct(node.output[0], scale, zp, None, node,
+                  ActInfo("lsq", bits, signed, scale, zp, exact, int_range))
 
 
-def _lcq_act(g: GraphEdit, node: onnx.NodeProto, before, scope: str, outer: int) -> IntAct:
+def _lcq_act(g: GraphEdit, node: onnx.NodeProto, scope: str, outer: int) -> IntAct:
+    """LCQ keeps its companding op; its levels move onto the b'-bit grid Δa = top / qmax',
+    so QuantizeLinear(levels', Δa) is exact."""
     attrs = node_attrs(node)
     bits, signed = int(attrs["bits"]), bool(attrs["signed"])
     levels = g.array(node.input[4]).astype(np.float32)
@@ -102,37 +140,45 @@ def _lcq_act(g: GraphEdit, node: onnx.NodeProto, before, scope: str, outer: int)
     if not top > 0:
         raise QConvertError(f"layer {scope}: LCQ levels end at {top}; no grid fits")
     delta = np.float32(top / qmax)
-    ints = np.round(levels / delta)
-    new_levels = (ints * delta).astype(np.float32)
+    new_levels = (np.round(levels / delta) * delta).astype(np.float32)
     exact = bool(np.array_equal(new_levels, levels))
     node.input[4] = g.const(f"{scope}/int/levels", new_levels)  # the old one may be shared
-    zp = ZERO_POINT_SIGNED if signed else 0
-    zp_name = g.const(f"{scope}/int/act_zero_point", np.array(zp, np.uint8))
-    q = g.node(before, scope, "QuantizeLinear",
-               [node.output[0], g.const(f"{scope}/int/act_scale", np.array(delta)), zp_name])
+    out = node.output[0]
+    node.output[0] = f"{out}/levels"
+    zp = qmax if signed else 0
+    s = g.const(f"{scope}/int/act_scale", np.array(delta))
+    z = g.const(f"{scope}/int/act_zp", np.array(zp, np.uint8))
+    q = g.node(node, "QuantizeLinear", [node.output[0], s, z], after=True)
+    g.node(node, "DequantizeLinear", [q, s, z], output=out, after=True)
     info = ActInfo("lcq", bits, signed, float(delta), zp, exact, (-qmax if signed else 0, qmax),
                    lut_entries=levels.size, lut_bytes=new_levels.nbytes)
-    return IntAct(q, zp_name, float(delta), None, info)
+    return IntAct(out, float(delta), zp, None, node, info)
 
 
-def _asq_act(g: GraphEdit, node: onnx.NodeProto, before, scope: str, outer: int,
-             wide: str) -> IntAct:
+def _asq_act(g: GraphEdit, node: onnx.NodeProto, scope: str, outer: int, wide: str) -> IntAct:
+    """ASQ: codes with each sample's own step (QuantizeLinear along the batch axis); the
+    layer's convolution reads them with scale 1 and each sample's output is multiplied by
+    its step afterwards."""
     attrs = node_attrs(node)
     bits, signed = int(attrs["bits"]), bool(attrs["signed"])
     x, step, beta = node.input[:3]
     ratio, int_range, exact = _uniform_target(bits, signed, outer, wide)
-    s_a = g.node(before, scope, "Mul", [step, beta])  # [N], as the op computes it
+    s_a = g.node(node, "Mul", [step, beta])  # as the op computes it
     if ratio != 1.0:
-        s_a = g.node(before, scope, "Mul", [s_a, g.const(f"{scope}/int/act_ratio",
-                                                          np.array(ratio, np.float32))])
-    zp = ZERO_POINT_SIGNED if signed else 0
-    zp_scalar = g.const(f"{scope}/int/act_zero_point", np.array(zp, np.uint8))
-    inputs = [x, s_a]
-    if signed:  # a per-axis zero point has the scale's shape [N]
-        inputs.append(g.node(before, scope, "Expand", [
-            g.const(f"{scope}/int/act_zero_point_1d", np.array([zp], np.uint8)),
-            g.node(before, scope, "Shape", [s_a])]))
-    q = g.node(before, scope, "QuantizeLinear", inputs, axis=0)
-    q = _clip_u8(g, before, scope, q, int_range, zp)
-    return IntAct(q, zp_scalar, None, s_a,
-                   ActInfo("asq", bits, signed, None, zp, exact, int_range))
+        s_a = g.node(node, "Mul", [s_a, g.const(f"{scope}/int/act_ratio",
+                                                np.array(ratio, np.float32))])
+    s_a = g.node(node, "Reshape", [s_a, g.const(f"{scope}/int/flat", np.array([-1], np.int64))])
+    zp = -int_range[0] if signed else 0
+    zp_value = None
+    if zp:  # a per-axis zero point has the scale's shape [N]
+        zp_value = g.node(node, "Expand", [
+            g.const(f"{scope}/int/act_zp_1d", np.array([zp], np.uint8)),
+            g.node(node, "Shape", [s_a])])
+    codes = _codes(g, node, scope, x, s_a, int_range, zp, axis=0, zp_value=zp_value)
+    g.node(node, "DequantizeLinear", [
+        codes, g.const(f"{scope}/int/unit", np.array(1.0, np.float32)),
+        g.const(f"{scope}/int/act_dq_zp", np.array(zp, np.uint8))], output=node.output[0])
+    g.drop(node)
+    return IntAct(node.output[0], 1.0, zp, s_a, node,
+                  ActInfo("asq", bits, signed, None, zp, exact, int_range))
+

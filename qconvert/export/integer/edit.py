@@ -6,28 +6,32 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from ...errors import QConvertError
 
-# uint8 operands with zero point 128 for signed values: see docs/integer-mode.md.
-ZERO_POINT_SIGNED = 128
-
 
 @dataclass
 class GraphEdit:
-    """The model being rewritten, with lookups and a fresh-name source."""
+    """The model being rewritten: lookups, nodes to emit in place of (or after) an existing
+    node, nodes to drop, and a fresh-name source."""
 
     model: onnx.ModelProto
     inits: dict[str, onnx.TensorProto] = field(default_factory=dict)
     producers: dict[str, onnx.NodeProto] = field(default_factory=dict)
-    new_nodes: dict[int, list[onnx.NodeProto]] = field(default_factory=dict)  # before node id
-    layer_nodes: dict[str, list[str]] = field(default_factory=dict)  # scope -> new node names
+    consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
+    before: dict[int, list[onnx.NodeProto]] = field(default_factory=dict)  # anchor node id
+    after: dict[int, list[onnx.NodeProto]] = field(default_factory=dict)
+    dropped: set[int] = field(default_factory=set)
     count: int = 0
 
     def __post_init__(self) -> None:
         self.inits = {i.name: i for i in self.model.graph.initializer}
         self.producers = {o: n for n in self.model.graph.node for o in n.output}
+        for node in self.model.graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
 
     def const(self, name: str, value: np.ndarray) -> str:
         if name in self.inits:
@@ -40,15 +44,38 @@ class GraphEdit:
     def array(self, name: str) -> np.ndarray:
         return numpy_helper.to_array(self.inits[name])
 
-    def node(self, before: onnx.NodeProto, scope: str, op: str, inputs: list[str],
-             output: str | None = None, **attrs) -> str:
+    def is_const(self, name: str) -> bool:
+        return name in self.inits
+
+    def node(self, anchor: onnx.NodeProto, op: str, inputs: list[str],
+             output: str | None = None, after: bool = False, **attrs) -> str:
+        """A new node emitted just before ``anchor`` (or after it); returns its output."""
         self.count += 1  # short names, as the exporter's n<index>: they add up in the file
         out = output or f"i{self.count}"
         node = helper.make_node(op, inputs, [out], name=f"i{self.count}", **attrs)
-        self.new_nodes.setdefault(id(before), []).append(node)
-        self.layer_nodes.setdefault(scope, []).append(node.name)
+        (self.after if after else self.before).setdefault(id(anchor), []).append(node)
         return out
+
+    def drop(self, node: onnx.NodeProto) -> None:
+        self.dropped.add(id(node))
+
+    def assemble(self) -> None:
+        """Write the edited node list back into the model."""
+        nodes: list[onnx.NodeProto] = []
+        for node in self.model.graph.node:
+            nodes.extend(self.before.get(id(node), []))
+            if id(node) not in self.dropped:
+                nodes.append(node)
+            nodes.extend(self.after.get(id(node), []))
+        del self.model.graph.node[:]
+        self.model.graph.node.extend(nodes)
 
 
 def node_attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def stock_session(model: onnx.ModelProto) -> ort.InferenceSession:
+    """Stock ONNX Runtime on the model's function bodies, for the calibration runs of the
+    rewrite (qconvert.runtime sits above export, so export does not use it)."""
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -1,4 +1,5 @@
-"""Integer mode: the graph rewrite of an exact-mode model (docs/integer-mode.md)."""
+"""Integer mode: the exact-mode model rewritten into the QDQ form ONNX Runtime fuses into
+its u8 x s8 QLinearConv / QGemm kernels (docs/integer-mode.md)."""
 
 from __future__ import annotations
 
@@ -6,32 +7,74 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto
+from onnx import numpy_helper
 
 from ... import manifest
 from ...errors import QConvertError
+from ...graph import with_extra_outputs
 from ...manifest import LayerRecord
-from ...ops import DOMAIN
-from ..weight_decode import fold_constant_decodes
 from .activations import WIDE_ACT_STEPS, ActInfo, IntAct, int_act
-from .edit import ZERO_POINT_SIGNED, GraphEdit, node_attrs
+from .edit import GraphEdit, node_attrs, stock_session
 from .weights import WeightInfo, int_weight
 
 MIN_OUTER_BITS, MAX_OUTER_BITS = 2, 8
+CALIB_SAMPLES, CALIB_BATCH = 256, 64
+RESIDUAL_DOMAINS = ("float", "quantized")
+GRAPH_KEY = "#graph"  # manifest.integer entry for the whole graph (not a layer)
 
 
 @dataclass
 class LayerInfo:
-    op: str  # ConvInteger | MatMulInteger
+    op: str  # Conv | Gemm, fused by ONNX Runtime with its DequantizeLinear inputs
     act: ActInfo
     weight: WeightInfo
-    lut_bytes: int = 0
-    lut_bits_ideal: int = 0  # table entries x b' bits (the paper's LUT memory)
+    output: str  # requantized: onto the next quantizer's grid | calibrated: uint8 | float
+    batchnorm_folded: bool
+    lut_bytes: int = 0  # LCQ activation tables (float32 levels)
+    int8_weight_bytes: int = 0
+
+
+@dataclass
+class Requant:
+    """A QuantizeLinear / DequantizeLinear pair to insert after ``value``'s producer; a
+    None scale is calibrated (uint8 over the observed min..max)."""
+
+    value: str
+    scale: float | None = None
+    zero_point: int = 0
+    non_negative: bool = False  # calibrate from 0: only a Relu reads it
+    grid: float | None = None  # a quantizer's step to use when its uint8 range covers the
+    # values: the quantizer then reads the codes as they are
+
+
+def _batchnorm_after(g: GraphEdit, value: str) -> onnx.NodeProto | None:
+    readers = g.consumers.get(value, [])
+    if len(readers) != 1 or readers[0].op_type != "BatchNormalization":
+        return None
+    bn = readers[0]
+    return bn if all(g.is_const(i) for i in bn.input[1:5]) else None
+
+
+def _scale_and_bias(g: GraphEdit, node: onnx.NodeProto, channels: int,
+                    ) -> tuple[np.ndarray, np.ndarray | None, onnx.NodeProto | None]:
+    """(per-channel factor, bias or None, the folded BatchNormalization): the layer's output
+    is factor * (W x) + bias."""
+    bias = (g.array(node.input[2]).astype(np.float64).reshape(-1)
+            if len(node.input) > 2 and node.input[2] else None)
+    bn = _batchnorm_after(g, node.output[0]) if node.op_type == "Conv" else None
+    if bn is None:
+        return np.ones(channels), bias, None
+    gamma, beta, mean, var = (g.array(i).astype(np.float64).reshape(-1) for i in bn.input[1:5])
+    eps = float(node_attrs(bn).get("epsilon", 1e-5))
+    factor = gamma / np.sqrt(var.astype(np.float32) + np.float32(eps)).astype(np.float64)
+    base = bias if bias is not None else 0.0
+    return factor, (base - mean) * factor + beta, bn
 
 
 def _rewrite_layer(g: GraphEdit, record: LayerRecord, node: onnx.NodeProto, outer: int,
-                   acts: dict[str, IntAct], wide: str) -> LayerInfo:
-    """Replace the layer's Conv / Gemm ``node`` by integer ops plus one rescale."""
+                   acts: dict[str, IntAct], wide: str) -> tuple[LayerInfo, list[Requant], str]:
+    """Point the layer's Conv / Gemm at int8 weights (BatchNorm folded) and its integer
+    input; returns its info, the requantizations it needs, and its output value."""
     scope = record.name
     is_conv = node.op_type == "Conv"
     attrs = node_attrs(node)
@@ -39,43 +82,123 @@ def _rewrite_layer(g: GraphEdit, record: LayerRecord, node: onnx.NodeProto, oute
                         or attrs.get("beta", 1.0) != 1.0):
         raise QConvertError(f"layer {scope}: Gemm with transA/alpha/beta is not supported")
     if node.input[0] not in acts:
-        acts[node.input[0]] = int_act(g, node.input[0], node, scope, outer, wide)
+        acts[node.input[0]] = int_act(g, node.input[0], scope, outer, wide)
     act = acts[node.input[0]]
-    weight = int_weight(g, record.weight, node, scope, outer,
-                         transpose=not is_conv and attrs.get("transB", 0) == 1)
-    w_zp = g.const(f"{scope}/int/weight_zero_point", np.array(ZERO_POINT_SIGNED, np.uint8))
-    conv_attrs = {k: v for k, v in attrs.items()
-                  if k in ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")}
-    accs = []
-    for w, factor in weight.branches:
-        acc = g.node(node, scope, "ConvInteger" if is_conv else "MatMulInteger",
-                     [act.value, w, act.zero_point, w_zp], **(conv_attrs if is_conv else {}))
-        acc = g.node(node, scope, "Cast", [acc], to=TensorProto.FLOAT)
-        if factor != 1.0:
-            acc = g.node(node, scope, "Mul", [acc, g.const(
-                f"{scope}/int/branch_factor", np.array(factor, np.float32))])
-        accs.append(acc)
-    acc = accs[0] if len(accs) == 1 else g.node(node, scope, "Add", accs)
-    view = [1, -1, 1, 1] if is_conv else [1, -1]
-    if act.scale is not None:
-        scale = g.const(f"{scope}/int/out_scale",
-                        (np.float32(act.scale) * weight.scale).astype(np.float32).reshape(view))
-    else:  # ASQ: per sample x per channel, [N, C, 1, 1]
-        sample_view = np.array([-1, 1, 1, 1] if is_conv else [-1, 1], np.int64)
-        per_sample = g.node(node, scope, "Reshape", [
-            act.scale_value, g.const(f"{scope}/int/sample_view", sample_view)])
-        scale = g.node(node, scope, "Mul", [per_sample, g.const(
-            f"{scope}/int/weight_scale", weight.scale.reshape(view))])
-    has_bias = len(node.input) > 2 and node.input[2]
-    out = g.node(node, scope, "Mul", [acc, scale], output=None if has_bias else node.output[0])
-    if has_bias:
-        bias = g.array(node.input[2]).astype(np.float32).reshape(view)
-        g.node(node, scope, "Add", [out, g.const(f"{scope}/int/bias", bias)],
-               output=node.output[0])
-    info = weight.info
-    return LayerInfo("ConvInteger" if is_conv else "MatMulInteger", act.info, info,
-                     info.lut_bytes + act.info.lut_bytes,
-                     (info.lut_entries + act.info.lut_entries) * outer)
+    transposed = not is_conv and not attrs.get("transB", 0)
+    if transposed and g.array(record.weight.params).ndim == 2:
+        raise QConvertError(f"layer {scope}: a per-channel table on an untransposed Gemm "
+                            "weight is not supported; keep the exact mode")
+    weight = int_weight(g, record.weight, outer, act.max_code)
+    ints, steps = weight.ints, weight.steps
+    if transposed:  # [in, out] -> [out, in]: the output channel on axis 0
+        ints = ints.T.copy()
+        steps = np.full(ints.shape[0], steps[0], np.float32)
+        node.attribute.append(onnx.helper.make_attribute("transB", 1))
+        for a in list(node.attribute):
+            if a.name == "transB" and a.i == 0:
+                node.attribute.remove(a)
+    channels = ints.shape[0]
+    factor, bias, bn = _scale_and_bias(g, node, channels)
+    scale = steps.astype(np.float64) * factor
+    flip = scale < 0
+    ints = np.where(flip.reshape((-1,) + (1,) * (ints.ndim - 1)), -ints, ints).astype(np.int8)
+    w_scale = np.abs(scale).astype(np.float32)
+    final = bn.output[0] if bn is not None else node.output[0]
+    if bn is not None:
+        g.drop(bn)
+    w_dq = g.node(node, "DequantizeLinear", [
+        g.const(f"{scope}/int/weight", ints), g.const(f"{scope}/int/weight_scale", w_scale),
+        g.const(f"{scope}/int/weight_zp", np.zeros(channels, np.int8))], axis=0)
+    del node.input[1:]
+    node.input.append(w_dq)
+    per_sample = act.scale_value is not None
+    if bias is not None and not per_sample:
+        b_scale = (np.float32(act.scale) * w_scale).astype(np.float32)
+        b_int = np.clip(np.round(bias / b_scale.astype(np.float64)), -2**31, 2**31 - 1)
+        node.input.append(g.node(node, "DequantizeLinear", [
+            g.const(f"{scope}/int/bias", b_int.astype(np.int32)),
+            g.const(f"{scope}/int/bias_scale", b_scale),
+            g.const(f"{scope}/int/bias_zp", np.zeros(channels, np.int32))], axis=0))
+    requants: list[Requant] = []
+    if per_sample:  # y = s_a[n] * (W codes) + bias: the integer part is requantized alone
+        view = [-1, 1, 1, 1] if is_conv else [-1, 1]
+        node.output[0] = f"{scope}/int/acc"
+        requants.append(Requant(node.output[0]))
+        s = g.node(node, "Reshape", [act.scale_value, g.const(
+            f"{scope}/int/sample_view", np.array(view, np.int64))], after=True)
+        y = g.node(node, "Mul", [node.output[0], s], after=True,
+                   output=None if bias is not None else final)
+        if bias is not None:
+            shape = [1, -1, 1, 1] if is_conv else [1, -1]
+            g.node(node, "Add", [y, g.const(f"{scope}/int/bias_float", bias.astype(
+                np.float32).reshape(shape))], output=final, after=True)
+        output = "calibrated"
+    else:
+        node.output[0] = final
+        output = ""  # decided once every quantizer is known
+    info = LayerInfo(node.op_type, act.info, weight.info, output, bn is not None,
+                     act.info.lut_bytes, ints.size)
+    return info, requants, final
+
+
+def _output_requant(g: GraphEdit, value: str, quantizers: dict[int, IntAct],
+                    graph_outputs: set[str]) -> tuple[str, list[Requant]]:
+    """How a per-tensor layer's output reaches the next layer. Through Relu / MaxPool into a
+    uniform quantizer: QuantizeLinear onto that quantizer's grid (ONNX Runtime fuses
+    Conv -> Relu -> QuantizeLinear into one requantizing kernel; a MaxPool commutes with the
+    rounding, so a QuantizeLinear before it keeps the codes). Otherwise calibrated uint8."""
+    if value in graph_outputs:
+        return "float", []
+    chain: list[onnx.NodeProto] = []
+    current = value
+    while True:
+        readers = g.consumers.get(current, [])
+        if len(readers) != 1:
+            break
+        reader = readers[0]
+        act = quantizers.get(id(reader))
+        if act is not None and act.scale_value is None and act.info.kind == "lsq":
+            relu = any(n.op_type == "Relu" for n in chain)
+            if relu and act.zero_point != 0:
+                break
+            pools = [i for i, n in enumerate(chain) if n.op_type == "MaxPool"]
+            if not pools:
+                return "requantized", []
+            before_pool = chain[pools[0] - 1].output[0] if pools[0] else value
+            return "requantized", [Requant(before_pool, act.scale, act.zero_point)]
+        if reader.op_type not in ("Relu", "MaxPool") or current in graph_outputs:
+            break
+        chain.append(reader)
+        current = reader.output[0]
+    readers = g.consumers.get(value, [])
+    if len(readers) == 1 and readers[0].op_type == "Relu" and value not in graph_outputs \
+            and readers[0].output[0] not in graph_outputs:
+        # after the Relu: ONNX Runtime folds it into the requantization (zero point 0)
+        return "calibrated", [Requant(readers[0].output[0], non_negative=True)]
+    return "calibrated", [Requant(value)]
+
+
+def _residual_requants(g: GraphEdit, graph_outputs: set[str],
+                       quantizers: dict[int, IntAct]) -> list[Requant]:
+    """Quantized-domain residual additions: the sum (after its Relu, when one reads it)
+    goes through uint8, so ONNX Runtime runs DequantizeLinear -> Add -> QuantizeLinear as
+    one QLinearAdd. The grid is the step of the uniform quantizer that reads the sum when
+    255 steps cover the sum's range (that quantizer's codes are then the sum's own), else
+    calibrated."""
+    requants = []
+    for node in g.model.graph.node:
+        if node.op_type != "Add" or any(g.is_const(i) or i not in g.producers
+                                        for i in node.input):
+            continue
+        value, readers = node.output[0], g.consumers.get(node.output[0], [])
+        relu = len(readers) == 1 and readers[0].op_type == "Relu"
+        if relu:
+            value = readers[0].output[0]
+        grids = [a.scale for a in (quantizers.get(id(r)) for r in g.consumers.get(value, []))
+                 if a is not None and a.info.kind == "lsq" and a.zero_point == 0]
+        if value not in graph_outputs:
+            requants.append(Requant(value, non_negative=relu, grid=grids[0] if grids else None))
+    return requants
 
 
 def _prune(model: onnx.ModelProto) -> None:
@@ -93,31 +216,168 @@ def _prune(model: onnx.ModelProto) -> None:
     inits = [i for i in graph.initializer if i.name in read]
     del graph.initializer[:]
     graph.initializer.extend(inits)
-    used = {n.op_type for n in graph.node if n.domain == DOMAIN}
-    functions = [f for f in model.functions if f.domain != DOMAIN or f.name in used]
+    used = {(n.domain, n.op_type) for n in graph.node}
+    functions = [f for f in model.functions if (f.domain, f.name) in used]
     del model.functions[:]
     model.functions.extend(functions)
+    domains = {d for d, _ in used} | {f.domain for f in functions} | {""}
+    opsets = [o for o in model.opset_import if o.domain in domains]
+    del model.opset_import[:]
+    model.opset_import.extend(opsets)
 
 
-def to_integer(model: onnx.ModelProto, outer_bits: int, *,
-               wide_act_step: str = "sqrt") -> onnx.ModelProto:
-    """The integer-mode twin of an exact-mode qconvert model (a new ModelProto).
+def _calibrate(model: onnx.ModelProto, requants: list[Requant], inputs: np.ndarray) -> None:
+    """Fill in the missing scales: uint8 over the range the values take on ``inputs``."""
+    wanted = [r for r in requants if r.scale is None]
+    if not wanted:
+        return
+    names = list(dict.fromkeys(r.value for r in wanted))
+    sess = stock_session(with_extra_outputs(model, names))
+    lo = {n: 0.0 for n in names}
+    hi = {n: 0.0 for n in names}
+    for start in range(0, len(inputs), CALIB_BATCH):
+        values = sess.run(names, {manifest.INPUT_NAME: inputs[start:start + CALIB_BATCH]})
+        for name, v in zip(names, values, strict=True):
+            lo[name] = min(lo[name], float(v.min()))
+            hi[name] = max(hi[name], float(v.max()))
+    for r in wanted:
+        low = 0.0 if r.non_negative else lo[r.value]
+        span = hi[r.value] - low
+        if r.grid is not None and low == 0.0 and hi[r.value] <= 255 * r.grid:
+            r.scale, r.zero_point = r.grid, 0
+            continue
+        r.scale = float(np.float32(span / 255)) if span > 0 else 1.0
+        r.zero_point = int(np.clip(np.round(-low / r.scale), 0, 255))
 
-    Every quantized layer's Conv / Gemm becomes ConvInteger / MatMulInteger on b'-bit
-    codes plus one float rescale; the manifest records the mode, b' and per layer the
-    grids, scales, errors and LUT bytes. The result passes the full ONNX checker.
 
-    ``wide_act_step`` picks the grid of an LSQ / ASQ activation wider than b' (8-bit first
-    and last layers at b' < 8): ``sqrt`` (default; step ratio sqrt(Qp_b / Qp_b'), LSQ's
-    init rule) or ``range`` (ratio Qp_b / Qp_b', keeps the clip range). On the digits
-    checkpoints ``sqrt`` kept 98-99.7 % top-1 agreement at b' = 6 where ``range`` kept
-    91-94 %.
+def _insert_requants(model: onnx.ModelProto, requants: list[Requant]) -> None:
+    """QuantizeLinear -> DequantizeLinear right after each value's producer; readers keep
+    the value's name."""
+    by_value = {r.value: r for r in requants}
+    inits = model.graph.initializer
+    nodes: list[onnx.NodeProto] = []
+    for node in model.graph.node:
+        nodes.append(node)
+        for k, out in enumerate(node.output):
+            r = by_value.get(out)
+            if r is None:
+                continue
+            raw, key = f"{out}/f", f"{out}/rq"
+            node.output[k] = raw
+            inits.extend([numpy_helper.from_array(np.array(r.scale, np.float32), f"{key}_s"),
+                          numpy_helper.from_array(np.array(r.zero_point, np.uint8), f"{key}_z")])
+            nodes.append(onnx.helper.make_node(
+                "QuantizeLinear", [raw, f"{key}_s", f"{key}_z"], [f"{out}/q"], name=f"{key}_q"))
+            nodes.append(onnx.helper.make_node(
+                "DequantizeLinear", [f"{out}/q", f"{key}_s", f"{key}_z"], [out],
+                name=f"{key}_dq"))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
+def _skip_requantize_pairs(model: onnx.ModelProto) -> None:
+    """QuantizeLinear(DequantizeLinear(q)) with the same scale and zero point is q: the
+    reader takes q directly (an exact identity; ONNX Runtime would run both)."""
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+
+    def params(node):
+        if not all(i in inits for i in node.input[1:3]) or len(node.input) < 3:
+            return None
+        return inits[node.input[1]].tobytes(), inits[node.input[2]].tobytes(), \
+            inits[node.input[2]].dtype
+
+    rename: dict[str, str] = {}
+    for node in model.graph.node:
+        dq = producers.get(node.input[0]) if node.op_type == "QuantizeLinear" else None
+        if dq is not None and dq.op_type == "DequantizeLinear" and params(dq) is not None \
+                and params(dq) == params(node):
+            rename[node.output[0]] = dq.input[0]
+    for node in model.graph.node:
+        for k, name in enumerate(node.input):
+            if name in rename:
+                node.input[k] = rename[name]
+
+
+def _residual_summary(model: onnx.ModelProto) -> dict[str, int]:
+    """Residual additions by domain: 'quantized' when both inputs come from
+    DequantizeLinear and the sum goes to QuantizeLinear (ONNX Runtime fuses it), else
+    'float'."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    counts = {"quantized": 0, "float": 0}
+    for n in model.graph.node:
+        if n.op_type != "Add" or any(i not in producers for i in n.input):
+            continue
+        dq_in = all(producers[i].op_type == "DequantizeLinear" for i in n.input)
+        after = readers.get(n.output[0], [])
+        if [r.op_type for r in after] == ["Relu"]:  # folded into the requantization
+            after = readers.get(after[0].output[0], [])
+        q_out = [r.op_type for r in after] == ["QuantizeLinear"]
+        counts["quantized" if dq_in and q_out else "float"] += 1
+    return counts
+
+
+def _calibration_inputs(man: manifest.Manifest, calib: np.ndarray | None) -> np.ndarray:
+    if calib is not None:
+        return np.ascontiguousarray(calib[:CALIB_SAMPLES], np.float32)
+    # no data: normalised inputs are roughly standard normal
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((64, *man.input_shape)).astype(np.float32)
+
+
+def to_integer(model: onnx.ModelProto, outer_bits: int, *, wide_act_step: str = "sqrt",
+               calib: np.ndarray | None = None, residual: str = "auto") -> onnx.ModelProto:
+    """The integer-mode twin of an exact-mode qconvert model (a new ModelProto): every
+    quantized Conv / Gemm reads uint8 activation codes and int8 per-channel weights through
+    DequantizeLinear and writes QuantizeLinear'd outputs, the QDQ form ONNX Runtime runs as
+    QLinearConv / QGemm.
+
+    ``calib``: normalised model inputs [N, ...] (as the model takes them) to calibrate the
+    outputs that no quantizer of the QAT model covers (residual branches, LCQ inputs);
+    without it, standard-normal samples. ``wide_act_step`` picks the grid of an LSQ / ASQ
+    activation wider than b': ``sqrt`` (step ratio sqrt(Qp_b / Qp_b'), LSQ's init rule) or
+    ``range`` (ratio Qp_b / Qp_b', keeps the clip range). ``residual``: ``float`` keeps the
+    residual stream in float as the QAT model does; ``quantized`` puts each sum on a uint8
+    grid so ONNX Runtime fuses the addition (QLinearAdd); ``auto`` (default) takes
+    ``quantized`` unless its top-1 agreement with the exact-mode model (bit-exact with
+    PyTorch) on the calibration inputs is below the float form's.
     """
+    if residual not in RESIDUAL_DOMAINS + ("auto",):
+        raise QConvertError(f"residual {residual!r}: choose from auto, "
+                            f"{', '.join(RESIDUAL_DOMAINS)}")
+    if residual != "auto":
+        return _to_integer(model, outer_bits, wide_act_step, calib, residual)
+    quantized = _to_integer(model, outer_bits, wide_act_step, calib, "quantized")
+    if not manifest.read(quantized).integer[GRAPH_KEY]["residual_adds"]["quantized"]:
+        return quantized
+    floating = _to_integer(model, outer_bits, wide_act_step, calib, "float")
+    inputs = _calibration_inputs(manifest.read(model), calib)
+    want = _top1(model, inputs)
+    if (_top1(quantized, inputs) == want).mean() >= (_top1(floating, inputs) == want).mean():
+        return quantized
+    return floating
+
+
+def _top1(model: onnx.ModelProto, inputs: np.ndarray) -> np.ndarray:
+    sess = stock_session(model)
+    return np.concatenate([sess.run(None, {manifest.INPUT_NAME: inputs[i:i + CALIB_BATCH]})[0]
+                           .argmax(1) for i in range(0, len(inputs), CALIB_BATCH)])
+
+
+def _to_integer(model: onnx.ModelProto, outer_bits: int, wide_act_step: str,
+                calib: np.ndarray | None, residual: str) -> onnx.ModelProto:
+    """to_integer with the residual domain fixed."""
+    if residual not in RESIDUAL_DOMAINS:
+        raise QConvertError(f"residual {residual!r}: choose from {RESIDUAL_DOMAINS}")
     if wide_act_step not in WIDE_ACT_STEPS:
         raise QConvertError(f"wide_act_step {wide_act_step!r}: choose from {WIDE_ACT_STEPS}")
     if not MIN_OUTER_BITS <= int(outer_bits) <= MAX_OUTER_BITS:
         raise QConvertError(f"outer bits {outer_bits} outside {MIN_OUTER_BITS}..{MAX_OUTER_BITS}"
-                            " (ConvInteger / MatMulInteger take 8-bit operands at most)")
+                            " (ONNX Runtime's integer kernels take 8-bit operands at most)")
     outer = int(outer_bits)
     man = manifest.read(model)
     if man.mode != "exact":
@@ -129,26 +389,33 @@ def to_integer(model: onnx.ModelProto, outer_bits: int, *,
     by_name = {n.name: n for n in out.graph.node}
     acts: dict[str, IntAct] = {}
     layers: dict[str, LayerInfo] = {}
-    replaced: set[int] = set()
+    requants: list[Requant] = []
+    finals: dict[str, str] = {}
     for record in man.layers:
         node = by_name[record.compute_node]
         if node.op_type not in ("Conv", "Gemm"):
             raise QConvertError(f"layer {record.name}: integer mode rewrites Conv and Gemm "
                                 f"layers, not {node.op_type}; keep the exact mode")
-        layers[record.name] = _rewrite_layer(g, record, node, outer, acts, wide_act_step)
-        replaced.add(id(node))
+        layers[record.name], needed, finals[record.name] = _rewrite_layer(
+            g, record, node, outer, acts, wide_act_step)
+        requants.extend(needed)
     if not layers:
         raise QConvertError("the model has no quantized layer to rewrite")
-    nodes: list[onnx.NodeProto] = []
-    for node in out.graph.node:
-        nodes.extend(g.new_nodes.get(id(node), []))
-        if id(node) not in replaced:
-            nodes.append(node)
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
+    quantizers = {id(a.quantizer): a for a in acts.values()}
+    graph_outputs = {o.name for o in out.graph.output}
+    for name, info in layers.items():
+        if not info.output:
+            info.output, needed = _output_requant(g, finals[name], quantizers, graph_outputs)
+            requants.extend(needed)
+    if residual == "quantized":
+        requants.extend(_residual_requants(g, graph_outputs, quantizers))
+    g.assemble()
     _prune(out)
-    fold_constant_decodes(out)  # the integer weights, too, fold at load
-    manifest.write(out, _integer_manifest(man, out, outer, layers, g))
+    _calibrate(out, requants, _calibration_inputs(man, calib))
+    _insert_requants(out, requants)
+    _skip_requantize_pairs(out)
+    _prune(out)
+    manifest.write(out, _integer_manifest(man, outer, layers, _residual_summary(out)))
     try:
         onnx.checker.check_model(out, full_check=True)
     except onnx.checker.ValidationError as exc:
@@ -156,31 +423,40 @@ def to_integer(model: onnx.ModelProto, outer_bits: int, *,
     return out
 
 
-def _integer_manifest(man: manifest.Manifest, model: onnx.ModelProto, outer: int,
-                      layers: dict[str, LayerInfo], g: GraphEdit) -> manifest.Manifest:
-    """The exact-mode manifest, updated: each layer's compute node is its (first) integer
-    op; the exact act / weight nodes are gone or changed, so the teacher-forced op checks
-    (bit-exact against PyTorch) do not apply; values still in the graph keep their per-layer
-    SQNR (the LSQ / ASQ quantized inputs are gone)."""
-    present = {o for n in model.graph.node for o in n.output}
-    integer_ops = {n.name: n for n in model.graph.node
-                   if n.op_type in ("ConvInteger", "MatMulInteger")}
+def _integer_manifest(man: manifest.Manifest, outer: int, layers: dict[str, LayerInfo],
+                      residual: dict[str, int]) -> manifest.Manifest:
+    """The exact-mode manifest, updated: the compute node keeps its name (now reading
+    DequantizeLinear inputs); the exact act / weight nodes are gone, so the teacher-forced
+    op checks do not apply; act / out values are gone or requantized."""
     for record in man.layers:
-        record.compute_node = next(name for name in g.layer_nodes[record.name]
-                                   if name in integer_ops)
         record.act_nodes, record.weight.nodes = [], []
-        record.act_value = record.act_value if record.act_value in present else None
-        record.out_value = record.out_value if record.out_value in present else None
+        record.act_value = record.out_value = None
     man.mode, man.outer_bits = "integer", outer
     man.integer = {name: asdict(info) for name, info in layers.items()}
+    man.integer[GRAPH_KEY] = {"residual_adds": residual}
     return man
 
 
 def integer_details(model: onnx.ModelProto) -> dict[str, dict]:
     """Per-layer integer-mode record (empty for an exact-mode model)."""
-    return manifest.read(model).integer
+    return {k: v for k, v in manifest.read(model).integer.items() if k != GRAPH_KEY}
 
 
 def lut_bytes(model: onnx.ModelProto) -> int:
     """Bytes of all level tables of an integer model, as stored (float32 entries)."""
     return sum(int(v["lut_bytes"]) for v in integer_details(model).values())
+
+
+def integer_summary(model: onnx.ModelProto) -> str:
+    """One line for the export summary: how many layers requantize straight onto the next
+    quantizer's grid, how many through a calibrated uint8 output, and where the residual
+    additions run."""
+    man = manifest.read(model)
+    details = integer_details(model)
+    outputs = [d["output"] for d in details.values()]
+    residual = man.integer.get(GRAPH_KEY, {}).get("residual_adds", {})
+    return (f"integer mode b'={man.outer_bits}: {len(details)} layers as u8 x s8 QDQ "
+            f"({outputs.count('requantized')} requantized onto the next quantizer's grid, "
+            f"{outputs.count('calibrated')} through calibrated uint8, "
+            f"{outputs.count('float')} float outputs); residual additions: "
+            f"{residual.get('quantized', 0)} quantized, {residual.get('float', 0)} float")

@@ -1,5 +1,7 @@
-"""Layer weights as uint8 tensors on the b'-bit grid, and the exact POST split
-(docs/integer-mode.md)."""
+"""Layer weights as int8 tensors with one step per output channel (docs/integer-mode.md).
+
+The weight is read through the manifest's WeightRecord (packed codes and the decode's
+table or alpha), never through the decode node, which may already be folded."""
 
 from __future__ import annotations
 
@@ -7,40 +9,39 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from onnx import TensorProto
 
 from ...manifest import WeightRecord
-from ...ops import DOMAIN
-from ...ops.adaptive_step import code_range
 from ...ops.packing import unpack_codes_np
-from ...quant.pot import SQRT_HALF, magnitude_levels
-from .edit import ZERO_POINT_SIGNED, GraphEdit
+from ...quant.pot import magnitude_levels
+from .edit import GraphEdit
+
+# vpmaddubsw (ONNX Runtime's u8 x s8 kernel on AVX2 without VNNI) adds two u8 x s8
+# products in int16 with saturation: a layer whose activation codes reach A needs
+# 2 * A * max|w| <= 32767 to stay exact.
+INT16_PAIR_LIMIT = 32767
+EXACT_REL_RMS = 1e-6  # float32 rounding of the step and the table entries, nothing more
 
 
 @dataclass
 class WeightInfo:
     kind: str  # LutGather | Pow2Shift (the exact-mode decode)
     bits: int
-    grid: str  # tensor | channel
-    scale: list[float]  # one step per tensor, or per output channel
+    grid: str  # tensor | channel: how many steps the re-grid chose
+    max_int: int  # the largest |integer| allowed (b' bits, or less against saturation)
+    exact: bool  # every decoded weight is an integer multiple of its step (to float32 rounding)
     max_abs_error: float
     rel_rms_error: float
-    lut_entries: int
-    lut_bytes: int
-    branches: int = 1  # integer convolutions per layer: 2 for POST (even / odd exponents)
+    table_entries: int
 
 
 @dataclass
 class IntWeight:
-    """A layer weight as uint8 tensors; each branch's int32 accumulator is scaled by its
-    factor and the branches summed before the per-layer rescale."""
-
-    branches: list[tuple[str, float]]  # (uint8 weight value, factor)
-    scale: np.ndarray  # Δw per output channel
+    ints: np.ndarray  # int8 values, the layer's weight shape
+    steps: np.ndarray  # float32 step per output channel (axis 0)
     info: WeightInfo
 
 
-def _decode_table(g: GraphEdit, weight: WeightRecord) -> tuple[np.ndarray, np.ndarray]:
+def decode_table(g: GraphEdit, weight: WeightRecord) -> tuple[np.ndarray, np.ndarray]:
     """The decode as a table: (table [L] or [C, L], codes [n])."""
     bits = weight.bits
     codes = unpack_codes_np(g.array(weight.codes), bits, math.prod(weight.shape))
@@ -55,89 +56,43 @@ def _decode_table(g: GraphEdit, weight: WeightRecord) -> tuple[np.ndarray, np.nd
     return (table[0] if alpha.size == 1 else table), codes
 
 
-def _best_steps(values: np.ndarray, outer: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of ``values`` [G, n]: the step m / K with the least squared re-quantization
-    error (integers clipped to the signed b'-bit range; K = 1 .. 2^(b'-1)). A search that also
-    clips the largest weights (K up to 4 * 2^(b'-1)) was tried: it did not help."""
-    lo, hi = code_range(outer, True)
+def best_steps(values: np.ndarray, max_int: int) -> np.ndarray:
+    """Per row of ``values`` [G, n]: the step m / K (m the row's largest magnitude,
+    K = 1 .. max_int) with the least squared error of round(v / step) * step. Exact grids
+    (LSQ codes, powers of two) have zero error and win; ties keep the finer grid."""
     m = np.abs(values).max(axis=1)
     m = np.where(m > 0, m, np.float32(1))
     best = np.full(len(values), np.inf)
-    steps = (m / hi).astype(np.float32)
+    steps = (m / max_int).astype(np.float32)
     v64 = values.astype(np.float64)
-    for k in range(-lo, 0, -1):  # finest first: ties keep the finer grid
+    for k in range(max_int, 0, -1):
         step = (m / np.float32(k)).astype(np.float32)
-        ints = np.clip(np.round(values / step[:, None]), lo, hi)
+        ints = np.clip(np.round(values / step[:, None]), -max_int, max_int)
         err = ((ints * step[:, None].astype(np.float64) - v64) ** 2).sum(axis=1)
         better = err < best
         best, steps = np.where(better, err, best), np.where(better, step, steps)
-    return steps, best
+    return steps
 
 
-def _uint8_weight(g: GraphEdit, weight: WeightRecord, before, scope: str, table: np.ndarray,
-                  name: str, transpose: bool) -> str:
-    """The packed codes decoded through an integer ``table`` (zero point added)."""
-    decoded = g.node(before, scope, "LutGather", [
-        weight.codes, g.const(f"{scope}/int/{name}", (table + ZERO_POINT_SIGNED).astype(
-            np.float32))], bits=weight.bits, shape=weight.shape, domain=DOMAIN)
-    w = g.node(before, scope, "Cast", [decoded], to=TensorProto.UINT8)
-    return g.node(before, scope, "Transpose", [w], perm=[1, 0]) if transpose else w
-
-
-def _weight_info(weight: WeightRecord, steps: np.ndarray, used: np.ndarray,
-                 rebuilt: np.ndarray, tables: list[np.ndarray]) -> WeightInfo:
-    error = rebuilt - used
-    return WeightInfo(
-        weight.decode, weight.bits, "channel" if steps.size > 1 else "tensor",
-        [float(v) for v in steps.astype(np.float32)],  # one per grid row: 1 for a tensor
-        float(np.abs(error).max()), float(np.sqrt((error**2).sum() / max((used**2).sum(), 1e-30))),
-        sum(t.size for t in tables), sum(t.size * 4 for t in tables), len(tables))
-
-
-def _by_row(table: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The table as grid rows ([1, L] or [C, L]), each code's row, the decoded weight by row."""
+def int_weight(g: GraphEdit, weight: WeightRecord, outer: int, max_act_code: int) -> IntWeight:
+    """The weight as int8 on the best grid of each table row (one per tensor or channel)."""
+    max_int = min((1 << (outer - 1)) - 1, INT16_PAIR_LIMIT // (2 * max(max_act_code, 1)))
+    table, codes = decode_table(g, weight)
     rows = table if table.ndim == 2 else table[None, :]
-    channel = np.arange(codes.size) // (codes.size // rows.shape[0])
-    return rows, channel, rows[channel, codes].reshape(rows.shape[0], -1)
-
-
-def int_weight(g: GraphEdit, weight: WeightRecord, before, scope: str, outer: int,
-                transpose: bool) -> IntWeight:
-    if weight.decode == "Pow2Shift" and weight.root == 2:
-        return _post_weight(g, weight, before, scope, outer, transpose)
-    table, codes = _decode_table(g, weight)
-    rows, channel, used = _by_row(table, codes)
-    steps, _ = _best_steps(used, outer)
-    lo, hi = code_range(outer, True)
-    ints = np.clip(np.round(rows / steps[:, None]), lo, hi)
-    rebuilt = ints[channel, codes].reshape(used.shape) * steps[:, None].astype(np.float64)
-    ints = ints if table.ndim == 2 else ints[0]
-    w = _uint8_weight(g, weight, before, scope, ints, "weight_table", transpose)
-    return IntWeight([(w, 1.0)], np.broadcast_to(steps, (weight.shape[0],)).astype(np.float32),
-                      _weight_info(weight, steps, used, rebuilt, [ints]))
-
-
-def _post_weight(g: GraphEdit, weight: WeightRecord, before, scope: str, outer: int,
-                 transpose: bool) -> IntWeight:
-    """POST weights as an even-exponent and an odd-exponent integer tensor (module doc)."""
-    table, codes = _decode_table(g, weight)
-    bits = weight.bits
-    alpha = g.array(weight.params).astype(np.float32).reshape(-1)
-    pattern = np.arange(1 << bits)
-    magnitude_code = pattern & ((1 << (bits - 1)) - 1)  # m = 0 is zero, m = M is 1
-    exponent = ((1 << (bits - 1)) - 1) - magnitude_code  # |w| / alpha = sqrt(1/2)^exponent
-    sign = np.where(pattern >> (bits - 1), -1.0, 1.0)
-    shift = outer - 2
-    power = sign * np.ldexp(1.0, shift - exponent // 2)  # 2^-j on the grid 2^-shift
-    lo, hi = code_range(outer, True)
-    even, odd = (np.clip(np.round(np.where((magnitude_code > 0) & (exponent % 2 == parity),
-                                           power, 0.0)), lo, hi) for parity in (0, 1))
-    steps = np.ldexp(alpha, -shift).astype(np.float32)  # exact: a power-of-two scaling
-    _, _, used = _by_row(table, codes)
-    rebuilt = (even[codes] + float(SQRT_HALF) * odd[codes]).reshape(used.shape) \
-        * steps[:, None].astype(np.float64)
-    branches = [(_uint8_weight(g, weight, before, scope, even, "weight_table", transpose), 1.0),
-                (_uint8_weight(g, weight, before, scope, odd, "weight_table_odd", transpose),
-                 float(SQRT_HALF))]
-    return IntWeight(branches, np.broadcast_to(steps, (weight.shape[0],)).astype(np.float32),
-                      _weight_info(weight, steps, used, rebuilt, [even, odd]))
+    channels = weight.shape[0]
+    per_row = codes.size // rows.shape[0]
+    row_of = np.arange(codes.size) // per_row
+    used = rows[row_of, codes].reshape(rows.shape[0], -1)
+    steps = best_steps(used, max_int)
+    int_rows = np.clip(np.round(rows / steps[:, None]), -max_int, max_int)
+    ints = int_rows[row_of, codes]
+    rebuilt = ints.reshape(used.shape) * steps[:, None].astype(np.float64)
+    error = rebuilt - used
+    rel_rms = float(np.sqrt((error**2).sum() / max((used.astype(np.float64)**2).sum(), 1e-30)))
+    info = WeightInfo(
+        weight.decode, weight.bits, "channel" if steps.size > 1 else "tensor", int(max_int),
+        rel_rms < EXACT_REL_RMS, float(np.abs(error).max()), rel_rms, int(table.size))
+    step_per_channel = np.repeat(steps, channels // steps.size) if steps.size > 1 else \
+        np.full(channels, steps[0], np.float32)
+    return IntWeight(ints.reshape(weight.shape).astype(np.int8),
+                     step_per_channel.astype(np.float32), info)
