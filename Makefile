@@ -11,6 +11,9 @@ setup: $(STAMP) ops
 
 # torch is pinned here, before the package, so pip takes the CPU build on disk
 # instead of resolving a multi-GB CUDA build from the bare requirement.
+# Installing the package also compiles the native library into it
+# (scikit-build-core runs custom_ops/CMakeLists.txt). After C++ edits, `make ops`
+# is enough: qconvert prefers a dev build newer than the installed copy.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -18,7 +21,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# The native ONNX Runtime custom-op library.
+# The native library's dev build in custom_ops/build: the C++ model runner, the
+# ASan variant (build.sh asan) and quick rebuilds after C++ edits. The library
+# inside the installed package comes from the pip install above.
 ops: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" bash custom_ops/build.sh
 

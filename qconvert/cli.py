@@ -377,11 +377,20 @@ def bench(checkpoint: Path, calib: Path | None, synthetic: int, threads: int, ro
 
 @main.command("ops-lib")
 def ops_lib() -> None:
-    """Print the native custom-op library's path (exit 2 when it is not built)."""
-    from .native import library_path
+    """Print the native custom-op library's path (exit 2 when there is none)."""
+    import os
 
-    path = library_path()
+    from .native import ENV_VAR, ops_library_path
+
+    path = ops_library_path()
     if path is None:
-        click.echo("error: the native library is not built; run `make ops`", err=True)
+        override = os.environ.get(ENV_VAR)
+        if override:
+            message = (f"the native library is not built at ${ENV_VAR}={override}; "
+                       f"point {ENV_VAR} at libqconvert_ops.so or unset it")
+        else:
+            message = ("the native library is not built; reinstall qconvert (pip install .) "
+                       "or run `make ops` in a source checkout")
+        click.echo(f"error: {message}", err=True)
         sys.exit(EXIT_INPUT)
     click.echo(str(path))

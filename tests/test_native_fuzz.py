@@ -79,6 +79,14 @@ def case_adaptive(rng, big):
     return [x, step, beta], {"bits": bits, "signed": signed}, True
 
 
+def case_uniform(rng, big):
+    bits = int(maybe(rng, rng.integers(2, 9), rng.choice([0, 1, 9])))
+    signed = int(maybe(rng, rng.integers(0, 2), 3))
+    x = random_floats(rng, maybe(rng, random_shape(rng, big), [], 0.02))
+    step = random_floats(rng, [maybe(rng, 1, int(rng.choice([0, 2])))])
+    return [x, step], {"bits": bits, "signed": signed}, True
+
+
 def random_codes(rng, n: int, bits: int, limit: int) -> np.ndarray:
     need = (n * max(bits, 1) + 7) // 8
     if rng.random() < 0.5 and 1 <= bits <= 8 and limit > 0:
@@ -125,6 +133,7 @@ def case_pow2(rng, big):
 BUILDERS = {
     "CompandQuant": case_compand,
     "AdaptiveStep": case_adaptive,
+    "UniformQuant": case_uniform,
     "LutGather": case_lut,
     "Pow2Shift": case_pow2,
 }

@@ -7,11 +7,13 @@ libonnxruntime) runs the model with the native kernels and compares bit for
 bit. Models: the test zoo's "digits-mixed" (all four qconvert ops in one
 network, tests/conftest.py) and "resnet20-lcq", plus the shipped checkpoints
 (models/checkpoints/*.pt, one per scheme family) or $QCONVERT_EXAMPLE_CKPT.
+The runner's timing mode (`--time N`) is checked for a sane, parseable line.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -101,3 +103,34 @@ def test_exported_model_through_cxx_api(checkpoint, tmp_path):
         capture_output=True,
     )
     run_cxx(tmp_path, tmp_path / "model.onnx")
+
+
+def test_timing_mode_prints_one_json_line(zoo):
+    """`--time N`: a plain session on random input of the model's shape, batch set."""
+    require_runner()
+    model = zoo.onnx_path("digits-mixed", functions=False)  # only the kernels can run it
+    proc = subprocess.run(
+        [str(RUNNER), "--time", "5", str(model), str(LIBRARY), "--warmup", "1", "--batch", "3",
+         "--threads", "2"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (line,) = proc.stdout.splitlines()
+    result = json.loads(line)
+    assert (result["batch"], result["threads"], result["warmup"], result["runs"]) == (3, 2, 1, 5)
+    assert result["model"] == str(model)
+    assert 0 < result["p10_ms"] <= result["median_ms"] <= result["p90_ms"] < 60_000
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--time", "0"], "--time needs a whole number >= 1"),
+    (["--time", "3", "--batch", "x"], "--batch needs a whole number >= 1"),
+    (["--time", "3", "--nope", "1"], "unknown option --nope"),
+])
+def test_timing_mode_usage_errors(args, fragment):
+    require_runner()
+    proc = subprocess.run([str(RUNNER), *args, "model.onnx", str(LIBRARY)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("error: ") and fragment in line

@@ -11,6 +11,8 @@ ASan build); QCONVERT_OPS_PORTABLE=1 makes the kernels skip their AVX2 loops.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import onnxruntime as ort
@@ -18,12 +20,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qconvert import native
-from qconvert.ops import OPS, vectors
+from qconvert.ops import DOMAIN_VERSION, OPS, SUPPORTED_DOMAIN_VERSIONS, vectors
 from qconvert.ops.packing import pack_codes
 
 INPUT_NAMES = {
     "CompandQuant": ["X", "alpha", "slopes", "offsets", "levels"],
     "AdaptiveStep": ["X", "step", "beta"],
+    "UniformQuant": ["X", "step"],
     "LutGather": ["codes", "table"],
     "Pow2Shift": ["codes", "alpha"],
 }
@@ -32,6 +35,7 @@ INPUT_NAMES = {
 CONST_INPUTS = {
     "CompandQuant": {"alpha", "slopes", "offsets", "levels"},
     "AdaptiveStep": {"step", "beta"},
+    "UniformQuant": {"step"},
     "LutGather": {"codes", "table"},
     "Pow2Shift": {"codes", "alpha"},
 }
@@ -61,6 +65,7 @@ def model_bytes(
     attrs: dict,
     const: set[str] = frozenset(),
     input_names: list[str] | None = None,
+    domain_version: int = DOMAIN_VERSION,
 ) -> bytes:
     """A one-node model; inputs named in ``const`` are initializers, the rest graph inputs."""
     names = input_names or INPUT_NAMES[op][: len(inputs)]
@@ -81,7 +86,11 @@ def model_bytes(
         initializer=inits,
     )
     model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("qconvert", 1)]
+        graph,
+        opset_imports=[
+            helper.make_opsetid("", 20),
+            helper.make_opsetid("qconvert", domain_version),
+        ],
     )
     model.ir_version = 10
     return model.SerializeToString()
@@ -144,6 +153,78 @@ def test_adaptive_step_by_hand():
     # s = 1: half-to-even rounding, then clamp to [-8, 7].
     expected = [0.0, 2.0, 2.0, -0.0, -2.0, 7.0, 7.0, -8.0, np.nan, 7.0, -8.0]
     assert_bits_equal(y, np.array([expected], np.float32))
+
+
+@pytest.mark.parametrize("const", [set(), {"step"}], ids=["feed", "const"])
+def test_uniform_quant_by_hand(const):
+    x = np.array([[0.25, 0.75, 1.25, -0.25, -4.1, 100.0, -100.0, np.nan, np.inf, -np.inf]],
+                 np.float32)
+    y = run_op("UniformQuant", [x, np.array([0.5], np.float32)], {"bits": 4, "signed": 1}, const)
+    # x / 0.5 = 0.5, 1.5, 2.5, -0.5, -8.2, ...: half-to-even, clamp to [-8, 7], times 0.5.
+    expected = [0.0, 1.0, 1.0, -0.0, -4.0, 3.5, -4.0, np.nan, 3.5, -4.0]
+    assert_bits_equal(y, np.array([expected], np.float32))
+    unsigned = run_op("UniformQuant", [x, np.array([0.5], np.float32)], {"bits": 2, "signed": 0})
+    assert_bits_equal(unsigned, np.array([[0.0, 1.0, 1.0, 0.0, 0.0, 1.5, 0.0, np.nan, 1.5, 0.0]],
+                                         np.float32))
+
+
+def test_uniform_quant_divides_instead_of_multiplying_by_the_reciprocal():
+    # float32: 1.65 / 0.3 rounds to 5, 1.65 * (1 / 0.3) to 6 (found with numpy float32).
+    step = np.float32(0.3)
+    x = np.array([np.float32(1.65), np.float32(-1.65)], np.float32)
+    assert np.round(x[0] * (np.float32(1) / step)) == 6  # the shortcut would differ
+    y = run_op("UniformQuant", [x, np.array([step], np.float32)], {"bits": 8, "signed": 1})
+    assert_bits_equal(y, np.array([np.float32(5) * step, np.float32(-5) * step], np.float32))
+
+
+def test_uniform_quant_avx2_and_portable_loops_agree(tmp_path):
+    """The same input through a process with QCONVERT_OPS_PORTABLE=1 gives the same bits."""
+    rng = np.random.default_rng(12)
+    step = np.float32(0.0137)
+    ties = (np.arange(-128, 127, dtype=np.float32) + np.float32(0.5)) * step
+    special = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-45, -1e-40, 3.4e38], np.float32)
+    x = np.concatenate([ties, special, rng.standard_normal(70_001).astype(np.float32)])
+    attrs = {"bits": 8, "signed": 1}
+    here = run_op("UniformQuant", [x, np.array([step], np.float32)], attrs)
+    assert_bits_equal(here, OPS["UniformQuant"].reference(x, np.array([step]), **attrs))
+    code = (
+        "import sys, numpy as np\n"
+        "from tests.test_native_ops import run_op\n"
+        "x = np.load(sys.argv[1])\n"
+        f"y = run_op('UniformQuant', [x, np.array([{float(step)!r}], np.float32)], {attrs!r})\n"
+        "sys.stdout.buffer.write(y.tobytes())\n"
+    )
+    path = tmp_path / "x.npy"
+    np.save(path, x)
+    env = dict(os.environ, QCONVERT_OPS_PORTABLE="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", code, str(path)], env=env, cwd=root,
+                         capture_output=True, check=True).stdout
+    portable = np.frombuffer(out, np.float32)
+    np.testing.assert_array_equal(portable.view(np.uint32), here.view(np.uint32))
+
+
+@pytest.mark.parametrize("version", SUPPORTED_DOMAIN_VERSIONS)
+@pytest.mark.parametrize("op", ["CompandQuant", "AdaptiveStep", "LutGather", "Pow2Shift"])
+def test_ops_serve_every_supported_domain_version(op, version):
+    """Models importing version 1 (exported before UniformQuant) or 2 bind to the kernels:
+    the one-node models carry no function body, so only a kernel can run them."""
+    (case, *_) = vectors.cases(op)
+    names = INPUT_NAMES[op]
+    sess = session(model_bytes(op, case.inputs, case.attrs, domain_version=version))
+    actual = sess.run(None, dict(zip(names, case.inputs, strict=True)))[0]
+    assert_bits_equal(actual, case.expected)
+
+
+def test_uniform_quant_needs_domain_version_2():
+    x, step = np.ones((1, 3), np.float32), np.array([0.5], np.float32)
+    attrs = {"bits": 4, "signed": 0}
+    y = session(model_bytes("UniformQuant", [x, step], attrs, domain_version=2)).run(
+        None, {"X": x, "step": step})[0]
+    assert_bits_equal(y, np.full((1, 3), 1.0, np.float32))
+    with pytest.raises(Exception, match="UniformQuant"):  # noqa: B017
+        session(model_bytes("UniformQuant", [x, step], attrs, domain_version=1))
 
 
 def test_lut_gather_by_hand():
@@ -220,6 +301,12 @@ def test_activation_ops_odd_shapes_and_threads(shape, threads):
             run_op("AdaptiveStep", inputs, attrs, threads=threads),
             OPS["AdaptiveStep"].reference(*inputs, **attrs),
         )
+        inputs = [x, np.array([0.05], np.float32)]
+        for const in (set(), CONST_INPUTS["UniformQuant"]):
+            assert_bits_equal(
+                run_op("UniformQuant", inputs, attrs, const, threads=threads),
+                OPS["UniformQuant"].reference(*inputs, **attrs),
+            )
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -340,7 +427,7 @@ def test_compand_at_every_level_change(bits, signed, K):
             assert_bits_equal(actual, expected)
 
 
-@pytest.mark.parametrize("op", ["CompandQuant", "AdaptiveStep"])
+@pytest.mark.parametrize("op", ["CompandQuant", "AdaptiveStep", "UniformQuant"])
 def test_empty_activations(op):
     rng = np.random.default_rng(9)
     for shape in ((0,), (0, 3), (2, 0, 5)):
@@ -348,8 +435,11 @@ def test_empty_activations(op):
         if op == "CompandQuant":
             inputs = [x, *lcq_inputs(rng, 4, 1, K=4)]
             attrs = {"bits": 4, "signed": 1}
-        else:
+        elif op == "AdaptiveStep":
             inputs = [x, np.array([0.1], np.float32), np.ones(shape[0], np.float32)]
+            attrs = {"bits": 4, "signed": 0}
+        else:
+            inputs = [x, np.array([0.1], np.float32)]
             attrs = {"bits": 4, "signed": 0}
         y = run_op(op, inputs, attrs)
         assert y.shape == shape and y.dtype == np.float32
@@ -390,6 +480,18 @@ def packed(n, bits):
 
 # (op, inputs, attrs, message fragment)
 ERROR_CASES = [
+    ("UniformQuant", [np.ones(3, np.float32), np.ones(2, np.float32)], {"bits": 4, "signed": 1},
+     "step has 2 elements, expected 1"),
+    ("UniformQuant", [np.ones(3, np.float32), np.ones(0, np.float32)], {"bits": 4, "signed": 1},
+     "step has 0 elements, expected 1"),
+    ("UniformQuant", [np.ones(3, np.float32), np.ones(1, np.float32)], {"bits": 1, "signed": 0},
+     "bits=1 outside 2..8"),
+    ("UniformQuant", [np.ones(3, np.float32), np.ones(1, np.float32)], {"bits": 9, "signed": 0},
+     "bits=9 outside 2..8"),
+    ("UniformQuant", [np.ones(3, np.float32), np.ones(1, np.float32)], {"bits": 4, "signed": 2},
+     "signed=2 outside 0..1"),
+    ("UniformQuant", [np.ones(3, np.float32), np.ones(1, np.float32)], {"signed": 0},
+     "attribute 'bits' missing"),
     ("CompandQuant", lcq_good(), {"bits": 1, "signed": 1}, "bits=1 outside 2..8"),
     ("CompandQuant", lcq_good(), {"bits": 9, "signed": 1}, "bits=9 outside 2..8"),
     ("CompandQuant", lcq_good(), {"bits": 4, "signed": 2}, "signed=2 outside 0..1"),

@@ -1,37 +1,23 @@
 // AdaptiveStep: the ASQ activation quantizer (docs/ops.md, "AdaptiveStep").
 #include <algorithm>
-#include <cmath>
+#include <array>
+#include <string>
+#include <vector>
 
-#include "common.h"
+#include "attributes.h"
+#include "inputs.h"
+#include "op_shell.h"
+#include "ops.h"
+#include "parallel.h"
+#include "step_quant.h"
 
 namespace qconvert {
 namespace {
 
-// y = clamp(round(x / s), lo, hi) * s over one sample's elements. Plain C++
-// that GCC vectorizes; compiled twice (see QC_TARGET_AVX2).
-__attribute__((always_inline)) inline void AdaptiveStepBody(float s, float lo, float hi,
-                                                           const float* x, float* y, size_t n) {
-  for (size_t i = 0; i < n; ++i) {
-    float r = std::nearbyint(x[i] / s);  // a true division, then half-to-even
-    // Written so that NaN passes through both comparisons unchanged.
-    r = r < lo ? lo : r;
-    r = r > hi ? hi : r;
-    y[i] = r * s;
-  }
-}
-
-QC_TARGET_AVX2 void AdaptiveStepAvx2(float s, float lo, float hi, const float* x, float* y,
-                                     size_t n) {
-  AdaptiveStepBody(s, lo, hi, x, y, n);
-}
-
-void AdaptiveStepPortable(float s, float lo, float hi, const float* x, float* y, size_t n) {
-  AdaptiveStepBody(s, lo, hi, x, y, n);
-}
-
 class AdaptiveStepKernel : public KernelBase {
  public:
   static constexpr const char* kName = "AdaptiveStep";
+  static constexpr int kSinceVersion = 1;
   static constexpr std::array<ONNXTensorElementDataType, 3> kInputTypes = {
       ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
       ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
@@ -83,7 +69,7 @@ class AdaptiveStepKernel : public KernelBase {
     if (count == 0) return;
     const size_t inner = count / N;
     const float lo = lo_, hi = hi_;
-    const auto loop = UseAvx2() ? AdaptiveStepAvx2 : AdaptiveStepPortable;
+    const StepQuantLoop loop = PickStepQuantLoop();
     ForChunks(&ctx, count, [&](size_t begin, size_t end) {
       // A chunk may span several samples: one call per sample segment.
       for (size_t i = begin; i < end;) {

@@ -1,5 +1,10 @@
 // LutGather: table decode of packed codes (docs/ops.md, "LutGather").
-#include "common.h"
+#include <array>
+#include <string>
+
+#include "decode_kernel.h"
+#include "ops.h"
+#include "packed_codes.h"
 
 namespace qconvert {
 namespace {
@@ -7,6 +12,7 @@ namespace {
 class LutGatherKernel : public DecodeKernel {
  public:
   static constexpr const char* kName = "LutGather";
+  static constexpr int kSinceVersion = 1;
   static constexpr std::array<ONNXTensorElementDataType, 2> kInputTypes = {
       ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
 

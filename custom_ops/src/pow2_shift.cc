@@ -1,7 +1,13 @@
 // Pow2Shift: POT / POST weight decode (docs/ops.md, "Pow2Shift").
+#include <array>
 #include <cmath>
+#include <string>
+#include <vector>
 
-#include "common.h"
+#include "attributes.h"
+#include "decode_kernel.h"
+#include "ops.h"
+#include "packed_codes.h"
 
 namespace qconvert {
 namespace {
@@ -23,6 +29,7 @@ std::vector<float> MagnitudeTable(int bits, int root) {
 class Pow2ShiftKernel : public DecodeKernel {
  public:
   static constexpr const char* kName = "Pow2Shift";
+  static constexpr int kSinceVersion = 1;
   static constexpr std::array<ONNXTensorElementDataType, 2> kInputTypes = {
       ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
 

@@ -2,7 +2,8 @@
 // SessionOptions.register_custom_ops_library / RegisterCustomOpsLibrary.
 #include <string>
 
-#include "common.h"
+#include "errors.h"
+#include "ops.h"
 
 namespace {
 
@@ -15,6 +16,7 @@ OrtCustomOpDomain* QconvertDomain() {
     d.Add(qconvert::AdaptiveStepOp());
     d.Add(qconvert::LutGatherOp());
     d.Add(qconvert::Pow2ShiftOp());
+    d.Add(qconvert::UniformQuantOp());
     return d;
   }();
   return domain;
