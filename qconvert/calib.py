@@ -23,7 +23,8 @@ class CalibData:
     source: str
 
 
-def _check(x: np.ndarray, y: np.ndarray | None, source: str, shape: tuple[int, ...]) -> CalibData:
+def _check(x: np.ndarray, y: np.ndarray | None, source: str, shape: tuple[int, ...],
+           resize: bool = True) -> CalibData:
     if x.ndim == 0:
         raise QConvertError(f"{source}: holds a single number, not [N, ...] samples")
     if x.dtype.kind not in "fiu":
@@ -36,6 +37,11 @@ def _check(x: np.ndarray, y: np.ndarray | None, source: str, shape: tuple[int, .
         raise QConvertError(
             f"{source}: samples have shape {tuple(x.shape[1:])}, the model takes {tuple(shape)}; "
             "give [N, C, H, W] images with the model's channel count")
+    if not resize and tuple(x.shape[1:]) != tuple(shape):
+        raise QConvertError(
+            f"{source}: samples have shape {tuple(x.shape[1:])}, the model takes "
+            f"{tuple(shape)}; give samples of the model's shape, or pass --resize to resize "
+            "them bilinearly")
     if len(shape) == 1 and x.shape[1] != shape[0]:
         raise QConvertError(f"{source}: samples have {x.shape[1]} features, the model takes "
                             f"{shape[0]}")
@@ -50,7 +56,7 @@ def _check(x: np.ndarray, y: np.ndarray | None, source: str, shape: tuple[int, .
     return CalibData(x.astype(np.float32), y, source)
 
 
-def _load_array_file(path: Path, shape: tuple[int, ...]) -> CalibData:
+def _load_array_file(path: Path, shape: tuple[int, ...], resize: bool) -> CalibData:
     # .npz members load lazily, so every read stays inside the try.
     try:
         data = np.load(path, allow_pickle=False)
@@ -68,7 +74,7 @@ def _load_array_file(path: Path, shape: tuple[int, ...]) -> CalibData:
     except Exception as exc:  # numpy raises ValueError, OSError, BadZipFile, EOFError, ...
         raise QConvertError(f"{path}: not a readable .npz/.npy file "
                             f"({type(exc).__name__}: {exc})") from exc
-    return _check(x, y, str(path), shape)
+    return _check(x, y, str(path), shape, resize)
 
 
 def _load_image_folder(folder: Path, shape: tuple[int, ...]) -> CalibData:
@@ -101,15 +107,25 @@ def _load_image_folder(folder: Path, shape: tuple[int, ...]) -> CalibData:
     return _check(np.stack(images), y, str(folder), shape)
 
 
-def synthetic(count: int, shape: tuple[int, ...], seed: int = 0) -> CalibData:
-    """Uniform [0, 1) samples of the model's input shape (no labels)."""
+def synthetic(count: int, shape: tuple[int, ...], seed: int = 0,
+              vocab_size: int | None = None) -> CalibData:
+    """Uniform [0, 1) samples of the model's input shape (no labels); with ``vocab_size``,
+    uniform int64 token ids in [0, vocab_size)."""
     if count < 1:
         raise QConvertError(f"--synthetic needs at least one sample, got {count}")
     rng = np.random.default_rng(seed)
-    return CalibData(rng.random((count, *shape), dtype=np.float32), None, f"synthetic({count})")
+    if vocab_size is not None:
+        x = rng.integers(0, vocab_size, (count, *shape), dtype=np.int64)
+    else:
+        x = rng.random((count, *shape), dtype=np.float32)
+    return CalibData(x, None, f"synthetic({count})")
 
 
-def load_calibration(path: str | Path, shape: tuple[int, ...]) -> CalibData:
+def load_calibration(path: str | Path, shape: tuple[int, ...],
+                     resize: bool = True) -> CalibData:
+    """Samples from ``path``. Image folders are always resized to ``shape``; with
+    ``resize=False`` (``qconvert validate`` without --resize) .npz/.npy samples of another
+    shape are an error naming both shapes."""
     path = Path(path)
     if path.is_dir():
         return _load_image_folder(path, shape)
@@ -117,4 +133,4 @@ def load_calibration(path: str | Path, shape: tuple[int, ...]) -> CalibData:
         raise QConvertError(f"{path}: no such calibration file or folder")
     if path.suffix not in (".npz", ".npy"):
         raise QConvertError(f"{path}: calibration data must be .npz, .npy or an image folder")
-    return _load_array_file(path, shape)
+    return _load_array_file(path, shape, resize)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,23 +19,57 @@ from torch import nn
 
 from .archs import build_architecture
 from .errors import QConvertError
-from .quant import LayerSpec, apply_layer_specs
+from .quant import (
+    CoverageReport,
+    LayerSpec,
+    apply_layer_specs,
+    layer_coverage,
+    split_attention,
+)
+from .quant.base import pass_uninitialised
 from .quant.checks import first_parameter_problem
 
 FORMAT_NAME = "qconvert-checkpoint"
 FORMAT_VERSION = 1
 
 
+INPUT_DTYPES = {"float32": torch.float32, "int64": torch.int64, "int32": torch.int32}
+
+
 @dataclass
 class InputSpec:
-    """Shape of one sample (C, H, W or features) and per-channel normalization."""
+    """Shape of one sample (C, H, W or features, or T token ids), per-channel normalization,
+    and the element type: ``float32``, or ``int64`` / ``int32`` token ids below
+    ``vocab_size``."""
 
     shape: tuple[int, ...]
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
+    dtype: str = "float32"
+    vocab_size: int | None = None
+
+    @property
+    def is_integer(self) -> bool:
+        return self.dtype != "float32"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return INPUT_DTYPES[self.dtype]
 
     def to_dict(self) -> dict:
-        return {"shape": list(self.shape), "mean": list(self.mean), "std": list(self.std)}
+        data = {"shape": list(self.shape), "mean": list(self.mean), "std": list(self.std)}
+        if self.is_integer:
+            data.update(dtype=self.dtype, vocab_size=self.vocab_size)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> InputSpec:
+        dtype = data.get("dtype", "float32")
+        if dtype not in INPUT_DTYPES:
+            raise ValueError(f"input dtype {dtype!r} is not one of {', '.join(INPUT_DTYPES)}")
+        vocab = data.get("vocab_size")
+        return cls(tuple(int(n) for n in data["shape"]), tuple(data.get("mean", ())),
+                   tuple(data.get("std", ())), dtype, None if vocab is None else int(vocab))
 
 
 @dataclass
@@ -50,6 +85,7 @@ class Checkpoint:
     training: dict = field(default_factory=dict)
     sha256: str = ""
     path: Path | None = None
+    coverage: CoverageReport | None = None
 
 
 def save_checkpoint(
@@ -62,24 +98,75 @@ def save_checkpoint(
     mean: Sequence[float] = (),
     std: Sequence[float] = (),
     training: Mapping | None = None,
+    input_dtype: str = "float32",
+    vocab_size: int | None = None,
 ) -> Path:
-    """Save a model made by ``quantize_model`` (``arch``: built-in name or ``module:callable``)."""
+    """Save a model made by ``quantize_model`` (``arch``: built-in name or ``module:callable``).
+
+    ``input_shape`` is one sample's shape, without the batch dimension; the model is run
+    once on a batch of zeros of that shape, and a shape it cannot take is refused here.
+    Token-id models give ``input_dtype="int64"``; ``vocab_size`` (the ids' upper bound,
+    exclusive) defaults to the first ``nn.Embedding``'s ``num_embeddings``.
+    """
     specs = getattr(model, "qconvert_specs", None)
     if specs is None:
         raise QConvertError("the model was not quantized with qconvert.quant.quantize_model")
+    spec = _input_spec(model, input_shape, mean, std, input_dtype, vocab_size)
+    _check_input_shape(model, spec)
+    state = model.state_dict()
+    coverage = getattr(model, "qconvert_coverage", None)
     payload = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "arch": {"name": arch, "kwargs": dict(arch_kwargs or {})},
         "scheme": getattr(model, "qconvert_scheme", "custom"),
         "layers": {name: None if s is None else s.to_dict() for name, s in specs.items()},
-        "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "input": InputSpec(tuple(input_shape), tuple(mean), tuple(std)).to_dict(),
+        "state_dict": {k: v.detach().clone() for k, v in state.items()},
+        # per-module versions that _load_from_state_dict implementations read
+        "state_metadata": {k: dict(v) for k, v in getattr(state, "_metadata", {}).items()},
+        "input": spec.to_dict(),
         "training": dict(training or {}),
     }
+    if coverage is not None:
+        payload["coverage"] = coverage.to_dict()
     path = Path(path)
     torch.save(payload, path)
     return path
+
+
+def _input_spec(model: nn.Module, shape: Sequence[int], mean: Sequence[float],
+                std: Sequence[float], dtype: str, vocab_size: int | None) -> InputSpec:
+    if dtype not in INPUT_DTYPES:
+        raise QConvertError(f"input_dtype {dtype!r} is not supported; use one of "
+                            f"{', '.join(INPUT_DTYPES)}")
+    if dtype == "float32":
+        return InputSpec(tuple(shape), tuple(mean), tuple(std))
+    if mean or std:
+        raise QConvertError("token-id inputs take no mean / std normalization; leave them out")
+    if vocab_size is None:
+        embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+        if embedding is None:
+            raise QConvertError(f"input_dtype {dtype} needs vocab_size= (the model has no "
+                                "nn.Embedding to take it from)")
+        vocab_size = embedding.num_embeddings
+    return InputSpec(tuple(shape), (), (), dtype, int(vocab_size))
+
+
+def _check_input_shape(model: nn.Module, spec: InputSpec) -> None:
+    """Run the model once on two zero samples of ``spec``; refuse a shape it cannot take."""
+    example = torch.zeros((2, *spec.shape), dtype=spec.torch_dtype)
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        with torch.no_grad(), pass_uninitialised():
+            model.eval()(example)
+    except Exception as exc:  # the model may raise anything on a wrong shape
+        detail = " ".join(str(exc).split())[:200]
+        raise QConvertError(
+            f"the model cannot take input_shape {tuple(spec.shape)} ({type(exc).__name__}: "
+            f"{detail}); give the shape of one sample, without the batch dimension") from exc
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def file_sha256(path: Path) -> str:
@@ -142,12 +229,11 @@ def _from_pickled_module(path: Path, model: nn.Module) -> Checkpoint:
     problem = first_parameter_problem(model)
     if problem:
         raise QConvertError(f"{path}: {problem}")
-    input_spec = InputSpec(tuple(spec["shape"]), tuple(spec.get("mean", ())),
-                           tuple(spec.get("std", ())))
+    input_spec = _read_input_spec(path, spec)
     return Checkpoint(model=model.eval(), arch=f"pickled:{type(model).__qualname__}",
                       arch_kwargs={}, scheme=getattr(model, "qconvert_scheme", "custom"),
                       layer_specs=dict(specs), input=input_spec, sha256=file_sha256(path),
-                      path=path)
+                      path=path, coverage=getattr(model, "qconvert_coverage", None))
 
 
 def _layer_specs(path: Path, layers: Mapping) -> dict[str, LayerSpec | None]:
@@ -191,6 +277,7 @@ def _build(path: Path, payload: Mapping) -> Checkpoint:
         raise QConvertError(f"{path}: {exc}") from exc
     specs = _layer_specs(path, layers)
     try:
+        coverage = _coverage(payload, model, specs)
         apply_layer_specs(model, specs)
     except (ValueError, TypeError, AttributeError) as exc:
         raise QConvertError(f"{path}: cannot rebuild the quantized model: {exc}") from exc
@@ -199,7 +286,7 @@ def _build(path: Path, payload: Mapping) -> Checkpoint:
     if mismatch:
         raise QConvertError(f"{path}: state dict does not fit architecture "
                             f"{arch['name']!r}: {mismatch}")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(_with_metadata(state, payload.get("state_metadata")), strict=True)
     problem = first_parameter_problem(model)
     if problem:
         raise QConvertError(f"{path}: {problem}")
@@ -210,9 +297,35 @@ def _build(path: Path, payload: Mapping) -> Checkpoint:
         arch_kwargs=dict(arch.get("kwargs") or {}),
         scheme=model.qconvert_scheme,
         layer_specs=specs,
-        input=InputSpec(tuple(spec["shape"]), tuple(spec.get("mean", ())),
-                        tuple(spec.get("std", ()))),
+        input=_read_input_spec(path, spec),
         training=dict(payload.get("training", {})),
         sha256=file_sha256(path),
         path=path,
+        coverage=coverage,
     )
+
+
+def _read_input_spec(path: Path, spec: Mapping) -> InputSpec:
+    try:
+        return InputSpec.from_dict(spec)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise QConvertError(f"{path}: bad input spec ({exc}); re-save the checkpoint with "
+                            "qconvert.save_checkpoint") from exc
+
+
+def _coverage(payload: Mapping, model: nn.Module, specs: Mapping) -> CoverageReport:
+    """The saved coverage; for checkpoints saved without it, worked out again (the
+    first/last-layer rule is then not told apart from the scheme)."""
+    if payload.get("coverage") is not None:
+        return CoverageReport.from_dict(payload["coverage"])
+    split_attention(model)
+    return layer_coverage(model, specs)
+
+
+def _with_metadata(state: Mapping, metadata: Mapping | None) -> Mapping:
+    """The state dict with its per-module ``_metadata`` (versions) restored, as
+    ``nn.Module.state_dict`` returns it."""
+    state = OrderedDict(state)
+    if metadata is not None:
+        state._metadata = OrderedDict((k, dict(v)) for k, v in metadata.items())
+    return state

@@ -84,8 +84,9 @@ def _compute_shapes(model: onnx.ModelProto, nodes: list[onnx.NodeProto],
             else onnx.TensorProto.FLOAT, None)
         for n in nodes if n.output[0] not in existing)
     outputs = [n.output[0] for n in nodes]
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(model.graph.input[0].type.tensor_type.elem_type)
     values = session(probe, announce=None).run(
-        {INPUT_NAME: np.zeros((1, *input_shape), np.float32)}, outputs)
+        {INPUT_NAME: np.zeros((1, *input_shape), dtype)}, outputs)
     return {name: tuple(v.shape) for name, v in zip(outputs, values, strict=True)}
 
 

@@ -1,15 +1,22 @@
 """Parity of an exported model with its PyTorch checkpoint, on calibration data.
 
-End to end: top-1 / top-5 agreement, output differences, SQNR, accuracy with labels.
-Per layer (optional): a teacher-forced op-level check (each activation quantizer's
-ONNX nodes run alone on exactly the input PyTorch gave it) and free-running SQNR of
-every layer's quantized input and output, so an op error is told apart from drift.
+Three models see the same inputs: the ONNX file exactly as deployed, the PyTorch QAT
+model in float32, and the same QAT model in float64 (the referee, ``referee.py``).
+End to end: each float32 model's distance to the referee and to each other (max / mean
+|diff|, SQNR, top-1 / top-5 agreement for class logits, accuracy with labels).
+Per layer, from a separate pass (hooks and extra graph outputs change what ONNX Runtime
+and PyTorch run, so they never touch the end-to-end figures): a teacher-forced op-level
+check (each quantizer's ONNX nodes run alone on exactly the input PyTorch gave it),
+quantizer outputs on a different level than the referee's, and free-running SQNR.
+The verdict is in ``verdict.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -21,13 +28,62 @@ from onnx import TensorProto, helper
 from . import manifest
 from .calib import CalibData
 from .checkpoint import Checkpoint
+from .errors import QConvertError
 from .graph import scope_inputs
-from .manifest import LayerRecord
+from .manifest import LayerRecord, act_value, out_value
 from .preprocess import prepare_inputs
 from .quant import quantized_layers
+from .referee import as_referee_input, float64_twin, quantizers, run_checked, run_referee
 from .runtime import Session
 
 ProgressFn = Callable[[int], None]
+
+
+@contextlib.contextmanager
+def _reference_convolutions():
+    """PyTorch's own (non-oneDNN) convolutions: another, equally valid summation order."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
+
+
+# Other float32 evaluations of the same PyTorch model, each as valid as the default one.
+# A low-bit network amplifies summation-order noise into whole levels, so how far float32
+# can land from the referee is measured on more than one evaluation order.
+FLOAT32_VARIANTS = {"reference convolutions": _reference_convolutions}
+PER_LAYER_SUBSET = 64  # samples the per-layer pass sees by default (all with per_layer)
+# Two quantizer outputs sit on the same level when they differ by less than this, relative:
+# far above float32-vs-float64 rounding of a level (~1e-7), far below the relative gap
+# between adjacent levels of an 8-bit grid (>= 1/255).
+SAME_LEVEL_RTOL = 1e-5
+
+
+def is_integer_model(model: onnx.ModelProto) -> bool:
+    return manifest.read(model).mode == "integer"
+
+
+@dataclass
+class Distance:
+    """How far model A's outputs are from model B's, over all samples."""
+
+    max_abs_diff: float
+    mean_abs_diff: float
+    sqnr_db: float | None  # None: identical
+    top1_agreement: float | None  # None: the outputs are not class logits
+    top5_agreement: float | None
+    top1_disagreements: int | None
+
+
+@dataclass
+class OutputReport:
+    """One model output: its distances, class metrics when it holds class logits."""
+
+    index: int
+    shape: list[int]  # per sample
+    kind: str  # "class logits" ([N, C], C > 1) or "values" (maps, regressions, scalars)
+    onnx_vs_torch: Distance
+    referee: dict[str, Distance] = field(default_factory=dict)
 
 
 @dataclass
@@ -38,18 +94,26 @@ class LayerReport:
     op_elements: int = 0
     op_max_abs_diff: float = 0.0
     weight_mismatches: int = 0  # decoded ONNX weight vs the PyTorch quantized weight
-    act_sqnr_db: float | None = None  # None: identical
+    act_sqnr_db: float | None = None  # ONNX vs PyTorch float32, free running; None: identical
     out_sqnr_db: float | None = None
     merged: bool = False  # the exporter shares an identical twin's nodes; checked there
     integer: bool = False  # integer mode: approximate by design, no op-level check
+    # Against the float64 referee (free running):
+    level_elements: int = 0
+    torch_level_flips: int = 0  # quantizer outputs on another level than the referee's
+    onnx_level_flips: int = 0
+    torch_out_mean_diff: float | None = None  # mean |layer output - referee's|
+    onnx_out_mean_diff: float | None = None
+    torch_out_sqnr_db: float | None = None
+    onnx_out_sqnr_db: float | None = None
 
 
 @dataclass
 class Report:
     samples: int
     runtime: str
-    top1_agreement: float
-    top5_agreement: float
+    top1_agreement: float | None  # ONNX vs PyTorch float32
+    top5_agreement: float | None
     max_abs_diff: float
     mean_abs_diff: float
     max_abs_output: float
@@ -57,15 +121,31 @@ class Report:
     nan_samples: int
     torch_accuracy: float | None
     onnx_accuracy: float | None
+    output_shapes: list[list[int]] = field(default_factory=list)  # per sample
+    outputs: list[OutputReport] = field(default_factory=list)
+    referee: dict[str, Distance] = field(default_factory=dict)  # "torch", "onnx"
+    integer: bool = False
+    zero_quantizers: list[str] = field(default_factory=list)  # all-zero output on the data
+    degenerate: list[str] = field(default_factory=list)
+    per_layer_samples: int = 0
+    # quantizer outputs (per-layer pass) on another level than the referee's, and of how many
+    level_flips: dict[str, int] = field(default_factory=dict)
     passed: bool = False
+    verdict: str = ""  # PASS, FAIL or INCONCLUSIVE (set by verdict.judge)
+    checks: list[dict] = field(default_factory=list)
     thresholds: dict = field(default_factory=dict)
+    diagnosis: str = ""
+    first_departure: str | None = None
     layers: list[LayerReport] = field(default_factory=list)
     abs_diffs: list[float] = field(default_factory=list, repr=False)
 
-    def to_json(self) -> str:
+    def to_dict(self) -> dict:
         data = asdict(self)
         data.pop("abs_diffs")
-        return json.dumps(data, indent=2)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
 
 
 def sqnr_db(signal_energy: float, noise_energy: float) -> float | None:
@@ -76,18 +156,33 @@ def sqnr_db(signal_energy: float, noise_energy: float) -> float | None:
     return 10 * math.log10(signal_energy / noise_energy)
 
 
+def flat_outputs(out) -> list[np.ndarray]:
+    """A model's outputs (a tensor, or tuples / lists / dicts of them) as float64 arrays,
+    in the order torch.export flattens them (the ONNX output order)."""
+    leaves = torch.utils._pytree.tree_leaves(out)
+    return [np.asarray(t.detach().double().numpy() if isinstance(t, torch.Tensor) else t,
+                       np.float64) for t in leaves]
+
+
+def per_sample(outputs: list[np.ndarray], batch: int) -> np.ndarray:
+    """Outputs as one [N, features] matrix (every output flattened per sample)."""
+    rows = [o.reshape(batch, -1) if o.ndim and o.shape[0] == batch
+            else np.broadcast_to(o.reshape(1, -1), (batch, o.size)) for o in outputs]
+    return np.concatenate(rows, axis=1)
+
+
 class _Captures:
-    """Forward hooks on the PyTorch model: each layer's quantizer input/output, ASQ beta,
+    """Forward hooks on a PyTorch model: each layer's quantizer input/output, ASQ beta,
     and the layer output."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.values: dict[tuple[str, str], torch.Tensor] = {}  # (layer, part) -> tensor
+        self.values: dict[str, torch.Tensor] = {}
         self.handles = []
         for name, layer in quantized_layers(model):
-            self._hook(layer.act_quant, (name, "act_in"), (name, "act"))
-            self._hook(layer, None, (name, "out"))
+            self._hook(layer.act_quant, f"{name}/act_in", act_value(name))
+            self._hook(layer, None, out_value(name))
             if hasattr(layer.act_quant, "adapter"):
-                self._hook(layer.act_quant.adapter, None, (name, "beta"))
+                self._hook(layer.act_quant.adapter, None, f"{name}/beta")
 
     def _hook(self, module, input_key, output_key) -> None:
         def hook(_, inputs, output):
@@ -95,6 +190,27 @@ class _Captures:
                 self.values[input_key] = inputs[0].detach()
             self.values[output_key] = output.detach()
         self.handles.append(module.register_forward_hook(hook))
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class _ZeroWatch:
+    """Which quantizers of the referee ever output a nonzero value."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.nonzero = {name: False for name, _ in quantizers(model)}
+        self.handles = [q.register_forward_hook(self._hook(name)) for name, q in quantizers(model)]
+
+    def _hook(self, name: str):
+        def hook(_, __, output):
+            if not self.nonzero[name] and bool((output != 0).any()):
+                self.nonzero[name] = True
+        return hook
+
+    def all_zero(self) -> list[str]:
+        return [name for name, seen in self.nonzero.items() if not seen]
 
     def close(self) -> None:
         for handle in self.handles:
@@ -131,9 +247,37 @@ def _count_differences(got: np.ndarray, want: np.ndarray) -> int:
     return int((~((got == want) | (np.isnan(got) & np.isnan(want)))).sum())
 
 
+def level_flips(got: np.ndarray, referee: np.ndarray) -> int:
+    """Quantizer outputs on a different level than the referee's (see SAME_LEVEL_RTOL)."""
+    got = got.astype(np.float64)
+    same = np.abs(got - referee) <= SAME_LEVEL_RTOL * np.maximum(np.abs(got), np.abs(referee))
+    return int((~same).sum())
+
+
+class _Energy:
+    """Running sums for mean |diff| and SQNR of one value against a reference."""
+
+    def __init__(self) -> None:
+        self.signal = self.noise = self.abs_sum = 0.0
+        self.count = 0
+
+    def add(self, got: np.ndarray, want: np.ndarray) -> None:
+        diff = got.astype(np.float64) - want
+        self.signal += float((want.astype(np.float64) ** 2).sum())
+        self.noise += float((diff ** 2).sum())
+        self.abs_sum += float(np.abs(diff).sum())
+        self.count += diff.size
+
+    def mean(self) -> float | None:
+        return self.abs_sum / self.count if self.count else None
+
+    def sqnr(self) -> float | None:
+        return sqnr_db(self.signal, self.noise)
+
+
 class _LayerChecker:
-    """Runs each layer's quantizer and weight decode alone (teacher-forced) and tracks
-    per-layer SQNR."""
+    """The per-layer pass: each quantizer and weight decode run alone (teacher-forced),
+    free-running SQNR against PyTorch, and level flips against the referee."""
 
     def __init__(self, model: onnx.ModelProto, torch_model: torch.nn.Module,
                  make_session) -> None:
@@ -145,12 +289,13 @@ class _LayerChecker:
                         for rec in man.layers}
         self.sessions = {rec.name: make_session(quantizer_submodel(model, rec.act_nodes))
                          for rec in man.layers if rec.act_nodes}
-        self.energy = {rec.name: [0.0, 0.0, 0.0, 0.0] for rec in man.layers}
-        # ONNX value name -> PyTorch capture key, for the values export recorded.
-        self.watched = {value: (rec.name, part) for rec in man.layers
-                        for part, value in (("act", rec.act_value), ("out", rec.out_value))
-                        if value}
-        self.extra_outputs = list(self.watched)
+        # ONNX value name -> (layer, capture key, is it the quantized input?), for the
+        # values in the graph (a graph output keeps its own name).
+        self.watched = {value: (rec.name, key, key == act_value(rec.name))
+                        for rec in man.layers
+                        for value, key in ((rec.act_value, act_value(rec.name)),
+                                           (rec.out_value, out_value(rec.name))) if value}
+        self.energy: dict[tuple[str, str], _Energy] = {}
         self._check_weights(model, torch_model, make_session)
 
     def _check_weights(self, model, torch_model, make_session) -> None:
@@ -166,13 +311,13 @@ class _LayerChecker:
             self.reports[name].weight_mismatches = (
                 _count_differences(decoded, want) if decoded.shape == want.shape else want.size)
 
-    def teacher_forced(self, captured: dict[tuple[str, str], torch.Tensor]) -> None:
+    def teacher_forced(self, captured: dict[str, torch.Tensor]) -> None:
         for name, sess in self.sessions.items():
-            feeds = {sess.input_names[0]: captured[name, "act_in"].numpy()}
+            feeds = {sess.input_names[0]: captured[f"{name}/act_in"].numpy()}
             if len(sess.input_names) > 1:  # ASQ: beta as PyTorch's adapter made it
-                feeds[sess.input_names[1]] = captured[name, "beta"].numpy()
+                feeds[sess.input_names[1]] = captured[f"{name}/beta"].numpy()
             got = sess.run(feeds)[0]
-            want = captured[name, "act"].numpy()
+            want = captured[act_value(name)].numpy()
             report = self.reports[name]
             mismatches = _count_differences(got, want)
             report.op_mismatches += mismatches
@@ -181,19 +326,34 @@ class _LayerChecker:
                 report.op_max_abs_diff = max(report.op_max_abs_diff,
                                              float(np.nanmax(np.abs(got - want))))
 
-    def free_running(self, outputs: dict[str, np.ndarray],
-                     captured: dict[tuple[str, str], torch.Tensor]) -> None:
-        for value, key in self.watched.items():
-            name, part = key
-            slot = 0 if part == "act" else 2
-            want = captured[key].double().numpy()
-            self.energy[name][slot] += float((want**2).sum())
-            self.energy[name][slot + 1] += float(((outputs[value] - want) ** 2).sum())
+    def _energy(self, key: tuple[str, str]) -> _Energy:
+        return self.energy.setdefault(key, _Energy())
+
+    def free_running(self, outputs: dict[str, np.ndarray], captured: dict[str, torch.Tensor],
+                     referee: dict[str, torch.Tensor]) -> None:
+        for value, (name, key, is_act) in self.watched.items():
+            want, ref = captured[key].numpy(), referee[key].numpy()
+            got = outputs[value]
+            self._energy((key, "onnx-torch")).add(got, want)
+            self._energy((key, "torch-referee")).add(want, ref)
+            self._energy((key, "onnx-referee")).add(got, ref)
+            if is_act:
+                report = self.reports[name]
+                report.level_elements += ref.size
+                report.torch_level_flips += level_flips(want, ref)
+                report.onnx_level_flips += level_flips(got, ref)
 
     def finish(self) -> list[LayerReport]:
+        empty = _Energy()
         for name, report in self.reports.items():
-            act_s, act_n, out_s, out_n = self.energy[name]
-            report.act_sqnr_db, report.out_sqnr_db = sqnr_db(act_s, act_n), sqnr_db(out_s, out_n)
+            act, out = act_value(name), out_value(name)
+            report.act_sqnr_db = self.energy.get((act, "onnx-torch"), empty).sqnr()
+            report.out_sqnr_db = self.energy.get((out, "onnx-torch"), empty).sqnr()
+            torch_out = self.energy.get((out, "torch-referee"), empty)
+            onnx_out = self.energy.get((out, "onnx-referee"), empty)
+            report.torch_out_mean_diff = torch_out.mean()
+            report.onnx_out_mean_diff = onnx_out.mean()
+            report.torch_out_sqnr_db, report.onnx_out_sqnr_db = torch_out.sqnr(), onnx_out.sqnr()
         return list(self.reports.values())
 
 
@@ -202,120 +362,188 @@ def _topk(logits: np.ndarray, k: int) -> np.ndarray:
     return np.sort(np.argsort(-logits, axis=1, kind="stable")[:, :k], axis=1)
 
 
+def _batches(data: CalibData, ckpt: Checkpoint, batch_size: int, limit: int | None = None):
+    count = len(data.x) if limit is None else min(limit, len(data.x))
+    for start in range(0, count, batch_size):
+        yield prepare_inputs(data.x[start:min(start + batch_size, count)], ckpt.input.shape,
+                             ckpt.input.mean, ckpt.input.std, ckpt.input.vocab_size)
+
+
+def _onnx_outputs(session: Session, x: torch.Tensor, names: list[str] | None = None) -> list:
+    return session.run({session.input_names[0]: x.numpy()}, names)
+
+
 def validate(
     ckpt: Checkpoint,
     model: onnx.ModelProto,
     data: CalibData,
     make_session: Callable[[onnx.ModelProto], Session],
     batch_size: int = 64,
-    per_layer: bool = False,
+    per_layer: bool | None = False,
     progress: ProgressFn | None = None,
+    referee: bool = True,
 ) -> Report:
-    """Run both models over ``data``; ``make_session`` builds a session on the chosen runtime."""
-    checker = _LayerChecker(model, ckpt.model, make_session) if per_layer else None
-    session = make_session(with_extra_outputs(model, checker.extra_outputs) if checker else model)
-    input_name, output_name = session.input_names[0], session.output_names[0]
-    captures = _Captures(ckpt.model) if checker else None
-    torch_all, onnx_all = [], []
+    """Run the models over ``data``; ``make_session`` builds a session on the chosen runtime.
+
+    ``per_layer``: True checks every layer on all of ``data``, None on the first
+    ``PER_LAYER_SUBSET`` samples, False not at all. ``referee=False`` skips the float64
+    model (agreement-only callers such as the integer-mode width search).
+    """
+    twin = float64_twin(ckpt.model) if referee else None
+    watch = _ZeroWatch(twin) if twin is not None else None
+    session = make_session(model)  # the file as deployed: no added outputs
+    torch_rows, onnx_rows, referee_rows = [], [], []
+    variant_rows: dict[str, list[np.ndarray]] = {}
+    shapes: list[list[int]] = []
     try:
-        for start in range(0, len(data.x), batch_size):
-            x = prepare_inputs(data.x[start:start + batch_size], ckpt.input.shape,
-                               ckpt.input.mean, ckpt.input.std)
-            with torch.no_grad():
-                torch_out = ckpt.model(x).numpy()
-            extra = checker.extra_outputs if checker else []
-            names = [output_name] + [n for n in extra if n != output_name]
-            results = dict(zip(names, session.run({input_name: x.numpy()}, names), strict=True))
-            if checker:
-                checker.teacher_forced(captures.values)
-                checker.free_running(results, captures.values)
-            torch_all.append(torch_out)
-            onnx_all.append(np.asarray(results[output_name], np.float32))
+        for x in _batches(data, ckpt, batch_size):
+            torch_out = flat_outputs(run_checked(ckpt.model, x, "the PyTorch model"))
+            for name, context in FLOAT32_VARIANTS.items() if referee else ():
+                with context():
+                    variant = run_checked(ckpt.model, x, f"the PyTorch model ({name})")
+                variant_rows.setdefault(name, []).append(
+                    per_sample(flat_outputs(variant), len(x)))
+            onnx_out = [np.asarray(o, np.float64) for o in _onnx_outputs(session, x)]
+            if len(onnx_out) != len(torch_out):
+                raise QConvertError(f"the ONNX model has {len(onnx_out)} outputs, the PyTorch "
+                                    f"model {len(torch_out)}; re-export it")
+            shapes = [list(o.shape[1:]) for o in torch_out]
+            torch_rows.append(per_sample(torch_out, len(x)))
+            onnx_rows.append(per_sample(onnx_out, len(x)))
+            if twin is not None:
+                referee_rows.append(per_sample(flat_outputs(run_referee(twin, x)), len(x)))
             if progress:
                 progress(len(x))
     finally:
-        if captures:
-            captures.close()
-    report = _summary(np.concatenate(torch_all), np.concatenate(onnx_all), data.y,
-                      session.runtime)
-    if checker:
-        report.layers = checker.finish()
+        if watch is not None:
+            watch.close()
+    t, o = np.concatenate(torch_rows), np.concatenate(onnx_rows)
+    classes = len(shapes) == 1 and is_class_logits(shapes[0])
+    report = _summary(t, o, data.y, session.runtime, classes)
+    report.output_shapes = shapes
+    report.outputs = _per_output(shapes, t, o, np.concatenate(referee_rows) if referee_rows
+                                 else None, {k: np.concatenate(v) for k, v in variant_rows.items()})
+    report.integer = is_integer_model(model)
+    if twin is not None:
+        r = np.concatenate(referee_rows)
+        report.referee = {"torch": distance(t, r, classes)}
+        for name, rows in variant_rows.items():
+            report.referee[f"torch ({name})"] = distance(np.concatenate(rows), r, classes)
+        report.referee["onnx"] = distance(o, r, classes)
+        report.zero_quantizers = watch.all_zero()
+    report.degenerate = _degenerate(t, report.zero_quantizers)
+    if per_layer is not False:
+        limit = None if per_layer else PER_LAYER_SUBSET
+        report.layers, report.per_layer_samples = _per_layer(
+            ckpt, model, data, make_session, batch_size, limit, twin)
+        report.level_flips = {
+            "torch": sum(layer.torch_level_flips for layer in report.layers),
+            "onnx": sum(layer.onnx_level_flips for layer in report.layers),
+            "elements": sum(layer.level_elements for layer in report.layers)}
     return report
 
 
-def _summary(t: np.ndarray, o: np.ndarray, labels: np.ndarray | None, runtime: str) -> Report:
-    nan_rows = np.isnan(t).any(axis=1) | np.isnan(o).any(axis=1)
-    finite = ~nan_rows
-    diff = np.abs(t[finite].astype(np.float64) - o[finite])
-    agree1 = (t.argmax(1) == o.argmax(1)) & finite  # a NaN sample never counts as agreement
-    agree5 = np.all(_topk(t, 5) == _topk(o, 5), axis=1) & finite
-    return Report(
-        samples=len(t), runtime=runtime,
-        top1_agreement=float(agree1.mean()), top5_agreement=float(agree5.mean()),
+def _per_layer(ckpt, model, data, make_session, batch_size, limit, twin):
+    """The per-layer pass, in its own session with the per-layer values as extra outputs."""
+    checker = _LayerChecker(model, ckpt.model, make_session)
+    session = make_session(with_extra_outputs(model, list(checker.watched)))
+    captures = _Captures(ckpt.model)
+    twin = twin if twin is not None else float64_twin(ckpt.model)
+    referee_captures = _Captures(twin)
+    names = [session.output_names[0]] + [n for n in checker.watched
+                                         if n != session.output_names[0]]
+    samples = 0
+    try:
+        for x in _batches(data, ckpt, batch_size, limit):
+            with torch.no_grad():
+                ckpt.model(x)
+                twin(as_referee_input(x))
+            results = dict(zip(names, _onnx_outputs(session, x, names), strict=True))
+            checker.teacher_forced(captures.values)
+            checker.free_running(results, captures.values, referee_captures.values)
+            samples += len(x)
+    finally:
+        captures.close()
+        referee_captures.close()
+    return checker.finish(), samples
+
+
+def is_class_logits(shape: list[int]) -> bool:
+    return len(shape) == 1 and shape[0] > 1
+
+
+def _per_output(shapes, t, o, r, variants) -> list[OutputReport]:
+    """Split the per-sample matrices back into the model's outputs."""
+    reports, start = [], 0
+    for index, shape in enumerate(shapes):
+        cols = slice(start, start + int(np.prod(shape, dtype=np.int64)))
+        start = cols.stop
+        classes = is_class_logits(shape)
+        out = OutputReport(index, shape, "class logits" if classes else "values",
+                           distance(o[:, cols], t[:, cols], classes))
+        if r is not None:
+            out.referee["torch"] = distance(t[:, cols], r[:, cols], classes)
+            for name, rows in variants.items():
+                out.referee[f"torch ({name})"] = distance(rows[:, cols], r[:, cols], classes)
+            out.referee["onnx"] = distance(o[:, cols], r[:, cols], classes)
+        reports.append(out)
+    return reports
+
+
+def distance(a: np.ndarray, b: np.ndarray, classes: bool) -> Distance:
+    finite = np.isfinite(a).all(axis=1) & np.isfinite(b).all(axis=1)
+    diff = np.abs(a[finite] - b[finite])
+    top1 = top5 = disagreements = None
+    if classes:
+        agree1 = (a.argmax(1) == b.argmax(1)) & finite  # a NaN sample never agrees
+        top1 = float(agree1.mean())
+        top5 = float((np.all(_topk(a, 5) == _topk(b, 5), axis=1) & finite).mean())
+        disagreements = int((~agree1).sum())
+    return Distance(
         max_abs_diff=float(diff.max()) if diff.size else 0.0,
         mean_abs_diff=float(diff.mean()) if diff.size else 0.0,
-        max_abs_output=float(np.abs(t[finite]).max()) if finite.any() else 0.0,
-        sqnr_db=sqnr_db(float((t[finite].astype(np.float64) ** 2).sum()), float((diff**2).sum())),
-        nan_samples=int(nan_rows.sum()),
-        torch_accuracy=None if labels is None else float((t.argmax(1) == labels).mean()),
-        onnx_accuracy=None if labels is None else float((o.argmax(1) == labels).mean()),
+        sqnr_db=sqnr_db(float((b[finite] ** 2).sum()), float((diff ** 2).sum())),
+        top1_agreement=top1, top5_agreement=top5, top1_disagreements=disagreements)
+
+
+def _summary(t: np.ndarray, o: np.ndarray, labels: np.ndarray | None, runtime: str,
+             classes: bool) -> Report:
+    nan_rows = ~(np.isfinite(t).all(axis=1) & np.isfinite(o).all(axis=1))
+    finite = ~nan_rows
+    d = distance(o, t, classes)
+    diff = np.abs(t[finite] - o[finite])
+    accuracy = labels is not None and classes
+    return Report(
+        samples=len(t), runtime=runtime,
+        top1_agreement=d.top1_agreement, top5_agreement=d.top5_agreement,
+        max_abs_diff=d.max_abs_diff, mean_abs_diff=d.mean_abs_diff,
+        max_abs_output=float(np.abs(t[finite]).max()) if diff.size else 0.0,
+        sqnr_db=d.sqnr_db, nan_samples=int(nan_rows.sum()),
+        torch_accuracy=float((t.argmax(1) == labels).mean()) if accuracy else None,
+        onnx_accuracy=float((o.argmax(1) == labels).mean()) if accuracy else None,
         abs_diffs=diff.max(axis=1).tolist() if diff.size else [],
     )
 
 
-def judge(report: Report, min_agreement: float, max_abs_diff: float | None,
-          max_rel_diff: float) -> Report:
-    """Decide pass/fail. Without ``max_abs_diff`` the bound is ``max_rel_diff * max|output|``."""
-    bound = max_abs_diff if max_abs_diff is not None else max_rel_diff * report.max_abs_output
-    report.thresholds = {"min_agreement": min_agreement, "max_abs_diff": bound}
-    report.passed = (report.top1_agreement >= min_agreement and report.max_abs_diff <= bound
-                     and report.nan_samples == 0)
-    return report
-
-
-def _plot_layer_sqnr(ax, layers: list[LayerReport]) -> None:
-    """Free-running SQNR of each layer's quantized input and output; identical ones are
-    drawn at a cap and labelled 'exact' (their SQNR is infinite)."""
-    finite = [v for layer in layers for v in (layer.act_sqnr_db, layer.out_sqnr_db)
-              if v is not None and math.isfinite(v)]
-    cap = max(finite, default=100.0) + 20
-    rows = np.arange(len(layers))
-    for offset, attr, label in ((-0.2, "act_sqnr_db", "quantized input"),
-                                (0.2, "out_sqnr_db", "layer output")):
-        values = [getattr(layer, attr) for layer in layers]
-        bars = ax.barh(rows + offset, [cap if v is None else v for v in values], height=0.4,
-                       label=label)
-        for bar, value in zip(bars, values, strict=True):
-            if value is None:
-                ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, " exact",
-                        va="center", fontsize=6)
-    ax.set_yticks(rows, [layer.name for layer in layers], fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("free-running SQNR against PyTorch, dB")
-    ax.legend(fontsize=7, loc="lower right")
+def _degenerate(t: np.ndarray, zero_quantizers: list[str]) -> list[str]:
+    """Why this comparison cannot show a difference, if it cannot."""
+    found = []
+    finite = t[np.isfinite(t).all(axis=1)]
+    if finite.size and not finite.any():
+        found.append("every output of the PyTorch model is 0")
+    elif finite.size and finite.min() == finite.max():
+        found.append(f"every output of the PyTorch model is the same number ({finite.min():g})")
+    elif len(finite) > 1 and (finite == finite[0]).all():
+        found.append("the PyTorch model gives the same output for every sample")
+    if zero_quantizers:
+        shown = ", ".join(zero_quantizers[:4]) + (
+            f" and {len(zero_quantizers) - 4} more" if len(zero_quantizers) > 4 else "")
+        found.append(f"{len(zero_quantizers)} quantizers output only 0 on this data ({shown})")
+    return found
 
 
 def plot(report: Report, path: str) -> None:
-    """Per-layer SQNR (free-running) and a histogram of per-sample max output differences."""
-    import matplotlib
+    """PNG: per-layer SQNR curves and a histogram of per-sample output differences."""
+    from .report_plot import plot as plot_report
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_layers, ax_hist) = plt.subplots(1, 2, figsize=(12, 4.5))
-    layers = [layer for layer in report.layers if not layer.merged]
-    if layers:
-        _plot_layer_sqnr(ax_layers, layers)
-    else:
-        ax_layers.text(0.5, 0.5, "run with --per-layer for per-layer SQNR", ha="center")
-        ax_layers.set_axis_off()
-    diffs = np.asarray(report.abs_diffs) if report.abs_diffs else np.zeros(1)
-    floor = 1e-12
-    ax_hist.hist(np.log10(np.maximum(diffs, floor)), bins=40, color="tab:orange")
-    ax_hist.set_xlabel(f"log10 max |ONNX - PyTorch| per sample (exact drawn at {floor:g})")
-    ax_hist.set_ylabel("samples")
-    fig.suptitle(f"qconvert validate: {report.samples} samples, runtime {report.runtime}, "
-                 f"top-1 agreement {report.top1_agreement:.2%}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_report(report, path)

@@ -299,3 +299,100 @@ def test_save_refuses_an_unquantized_model(tmp_path):
         save_checkpoint(tmp_path / "m.pt", build_architecture("digits_cnn", DIGITS),
                         arch="digits_cnn", input_shape=(1, 8, 8))
     assert not (tmp_path / "m.pt").exists()
+
+
+# ---------------------------------------------------------------- versioned modules, input spec
+
+
+class _VersionedBlock(torch.nn.Sequential):
+    """Reads its version from the state dict's metadata on load, as MNASNet does."""
+
+    _version = 2
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args) -> None:
+        if local_metadata.get("version") != 2:
+            raise ValueError(f"version should be set to 1 or 2 instead of "
+                             f"{local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+def versioned_net() -> torch.nn.Module:
+    return torch.nn.Sequential(
+        _VersionedBlock(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten()),
+        torch.nn.Linear(4 * 6 * 6, 3))
+
+
+def test_versioned_module_loads(tmp_path):
+    torch.manual_seed(0)
+    model = quantize_model(versioned_net(), "lsq")
+    model.train()(batch())
+    path = save_checkpoint(tmp_path / "v.pt", model.eval(),
+                           arch="tests.test_checkpoint:versioned_net", input_shape=(1, 8, 8))
+    ckpt = load_checkpoint(path)
+    with torch.no_grad():
+        assert torch.equal(ckpt.model(batch()), model(batch()))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 8, 8), (8, 8), (3, 8, 8)])
+def test_save_refuses_an_input_shape_the_model_cannot_take(shape, tmp_path):
+    with pytest.raises(QConvertError, match=r"cannot take input_shape .*the shape of one "
+                                            r"sample, without the batch dimension"):
+        save_checkpoint(tmp_path / "m.pt", trained("lsq", steps=1), arch="digits_cnn",
+                        arch_kwargs=DIGITS, input_shape=shape)
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_shape_check_keeps_training_modes(tmp_path):
+    model = trained("lsq", steps=1).train()
+    model.features[1].eval()  # e.g. a frozen BatchNorm
+    save(tmp_path / "m.pt", model)
+    assert model.training and not model.features[1].training and model.features[0].training
+
+
+class _TokenNet(torch.nn.Module):
+    def __init__(self, vocab: int = 30) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, 8)
+        self.fc = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, ids):
+        return self.head(self.fc(self.embed(ids)).mean(dim=1))
+
+
+def token_net(vocab: int = 30) -> torch.nn.Module:
+    return _TokenNet(vocab)
+
+
+@pytest.mark.parametrize("vocab_size, want", [(None, 30), (20, 20)])
+def test_token_input_spec_records_dtype_and_vocabulary(vocab_size, want, tmp_path):
+    model = quantize_model(token_net(), "lsq")
+    model.train()(torch.randint(0, 30, (4, 5)))
+    path = save_checkpoint(tmp_path / "t.pt", model.eval(),
+                           arch="tests.test_checkpoint:token_net", input_shape=(5,),
+                           input_dtype="int64", vocab_size=vocab_size)
+    ckpt = load_checkpoint(path)
+    assert ckpt.input == InputSpec((5,), (), (), "int64", want)
+    assert ckpt.input.torch_dtype == torch.int64
+    assert torch.load(path, weights_only=True)["input"]["dtype"] == "int64"
+
+
+def test_token_input_without_vocabulary_is_refused(tmp_path):
+    model = trained("lsq", steps=1)
+    with pytest.raises(QConvertError, match="needs vocab_size="):
+        save_checkpoint(tmp_path / "m.pt", model, arch="digits_cnn", arch_kwargs=DIGITS,
+                        input_shape=(1, 8, 8), input_dtype="int64")
+    with pytest.raises(QConvertError, match="input_dtype 'float16' is not supported"):
+        save_checkpoint(tmp_path / "m.pt", model, arch="digits_cnn", arch_kwargs=DIGITS,
+                        input_shape=(1, 8, 8), input_dtype="float16")
+
+
+def test_coverage_travels_with_the_checkpoint(good):
+    ckpt = load_checkpoint(good)
+    assert [(layer.name, layer.status) for layer in ckpt.coverage.exceptions] == [
+        ("features.0", "rule"), ("classifier", "rule")]
+    # a checkpoint saved without coverage or metadata (older qconvert) still loads
+    old = load_checkpoint(rewrite(good, "old.pt", lambda p: (p.pop("coverage"),
+                                                              p.pop("state_metadata"))))
+    assert [layer.status for layer in old.coverage.layers] == ["quantized"] * len(
+        old.coverage.layers)

@@ -20,9 +20,8 @@ from qconvert import manifest, native
 from qconvert.checkpoint import load_checkpoint
 from qconvert.errors import QConvertError
 from qconvert.export import onnx_export
-from qconvert.export.weight_decode import DECODE_DOMAIN
 from qconvert.manifest import LayerRecord
-from qconvert.ops import DOMAIN_VERSION
+from qconvert.ops import DECODE_DOMAIN, DOMAIN_VERSION
 from qconvert.ops.packing import unpack_codes_np
 from qconvert.quant import LCQQuantizer, LSQQuantizer, PowerQuantizer
 from qconvert.runtime import session

@@ -359,3 +359,190 @@ def test_qlinear_is_linear_of_quantized_input_and_weight(bias):
         want = F.linear(qa, qw, layer.bias)
     assert not layer.act_quant.signed
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- more layer kinds, attention
+
+
+def _train_step(model: nn.Module, x: torch.Tensor) -> None:
+    """One training-mode SGD step: initialises every quantizer that the forward pass runs."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    out = model(x)
+    (out[0] if isinstance(out, tuple) else out).square().mean().backward()
+    opt.step()
+    model.eval()
+
+
+@pytest.mark.parametrize("layer, x", [
+    (nn.Conv1d(4, 6, 3, stride=2, padding=1), torch.randn(2, 4, 9)),
+    (nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1),
+     torch.randn(2, 4, 5, 5)),
+    (nn.Linear(4, 6), torch.randn(2, 7, 4)),
+], ids=["conv1d", "conv_transpose2d", "linear_on_tokens"])
+def test_new_layer_kinds_compute_the_float_op_on_quantized_input_and_weight(layer, x):
+    """Under lcq W4A4 these layers were left float before (with first/last layers off)."""
+    model = nn.Sequential(copy.deepcopy(layer))
+    quantize_model(model, "lcq", 4, 4, first_last_bits=None)
+    q = model[0]
+    assert type(q).__name__ == "Q" + type(layer).__name__
+    _train_step(model, x)
+    with torch.no_grad():
+        reference = copy.deepcopy(layer)
+        reference.weight.copy_(q.weight_quant(q.weight))
+        reference.bias.copy_(q.bias)
+        want = reference(q.act_quant(x))
+        assert torch.equal(model(x), want)
+        assert not torch.equal(q.act_quant(x), x)  # the input really was quantized
+    assert q.weight_quant.bits == 4 and q.act_quant.bits == 4
+
+
+class _Attention(nn.Module):
+    def __init__(self, batch_first: bool = True) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_projections_are_quantized_and_their_quantizers_run(batch_first):
+    torch.manual_seed(0)
+    model = _Attention(batch_first)
+    x = torch.randn(3, 5, 16) if batch_first else torch.randn(5, 3, 16)
+    with torch.no_grad():
+        float_out = model(x)
+    quantize_model(model, "lcq", 4, 4, first_last_bits=None)
+    projections = ("q_proj", "k_proj", "v_proj", "out_proj")
+    for name in projections:
+        assert isinstance(model.attn.get_submodule(name), QLinear), name
+    _train_step(model, x)
+    for name in projections:
+        layer = model.attn.get_submodule(name)
+        assert bool(layer.act_quant.initialized) and bool(layer.weight_quant.initialized), name
+    with torch.no_grad():
+        out = model(x)
+    assert not torch.allclose(out, float_out, atol=1e-6)  # the quantizers change the result
+
+
+def _attention_reference(attn, x: torch.Tensor) -> torch.Tensor:
+    """Batch-first multi-head self-attention written out from its definition."""
+    n, t, e = x.shape
+    heads = attn.num_heads
+
+    def split(y):
+        return y.reshape(n, t, heads, e // heads).permute(0, 2, 1, 3)
+
+    q, k, v = split(attn.q_proj(x)), split(attn.k_proj(x)), split(attn.v_proj(x))
+    weights = torch.softmax(q @ k.transpose(-1, -2) / (e // heads) ** 0.5, dim=-1)
+    return attn.out_proj((weights @ v).permute(0, 2, 1, 3).reshape(n, t, e))
+
+
+def test_split_attention_computes_multihead_attention():
+    torch.manual_seed(0)
+    model = _Attention()
+    x = torch.randn(2, 6, 16)
+    with torch.no_grad():
+        want = model(x)
+        quantize_model(model, "lcq", 4, 4, overrides={n: None for n in (
+            "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "head")})
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.attn(x, x, x)[0], _attention_reference(model.attn, x),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_transformer_fast_path_does_not_bypass_the_quantizers():
+    """In eval mode under no_grad, nn.TransformerEncoderLayer runs a fused kernel that reads
+    the projection and feed-forward weights directly; the quantized model must not."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+    x = torch.randn(3, 5, 16)
+    quantize_model(model, "lcq", 4, 4, first_last_bits=None)
+    _train_step(model, x)
+    padding = torch.zeros(3, 5, dtype=torch.bool)
+    padding[:, -1] = True
+    for kwargs in ({}, {"src_key_padding_mask": padding}):
+        with torch.no_grad():
+            fast = model(x, **kwargs)
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            with torch.no_grad():
+                slow = model(x, **kwargs)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+        assert not fast.is_nested
+        assert torch.equal(fast, slow), kwargs
+
+
+def test_asq_on_token_inputs_pools_over_the_tokens():
+    """ASQ on a Linear fed [N, T, C] crashed in training (the adapter pooled dim 1)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8))
+    quantize_model(model, "asq-lsq", 4, 4, first_last_bits=None)
+    x = torch.randn(4, 7, 16)
+    _train_step(model, x)
+    adapter = model[0].act_quant.adapter
+    with torch.no_grad():
+        want = adapter.net(x.mean(dim=1)).clamp_min(1e-8).reshape(-1)  # one per sample
+        assert torch.equal(model[0].act_quant.beta(x), want)
+
+
+# ---------------------------------------------------------------- the coverage report
+
+
+class _Mixed(nn.Module):
+    """A conv stem, an LSTM (unsupported), a Conv2d subclass with its own forward, a head."""
+
+    class StandardizedConv(nn.Conv2d):
+        def forward(self, x):
+            w = self.weight
+            return F.conv2d(x, (w - w.mean()) / (w.std() + 1e-5), self.bias, self.stride,
+                            self.padding)
+
+    def __init__(self, hidden: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.std_conv = self.StandardizedConv(4, 4, 3, padding=1)
+        self.rnn = nn.LSTM(4, hidden, batch_first=True)
+        self.mid = nn.Linear(hidden, hidden)
+        self.head = nn.Linear(hidden, 2)
+
+    def forward(self, x):
+        x = self.std_conv(self.stem(x)).flatten(2).transpose(1, 2)
+        return self.head(self.mid(self.rnn(x)[0][:, -1]))
+
+
+def test_coverage_lists_every_layer_left_float_and_why():
+    model = quantize_model(_Mixed(), "lcq", 4, 4, overrides={"mid": None},
+                           allow_unsupported=True)
+    rows = {layer.name: (layer.status, layer.reason)
+            for layer in model.qconvert_coverage.exceptions}
+    assert rows == {
+        "stem": ("rule", "lsq 8-bit weights, lsq 8-bit input by the first/last-layer rule"),
+        "std_conv": ("float", "StandardizedConv overrides Conv2d.forward (its arithmetic is "
+                              "its own)"),
+        "rnn": ("float", "unsupported layer type LSTM"),
+        "mid": ("float", "kept float by an override"),
+        "head": ("rule", "lsq 8-bit weights, lsq 8-bit input by the first/last-layer rule"),
+    }
+    assert type(model.std_conv) is _Mixed.StandardizedConv and type(model.rnn) is nn.LSTM
+    lstm_params = 4 * 8 * (4 + 8 + 2)
+    assert model.qconvert_coverage.layers[2].params == lstm_params
+    lines = model.qconvert_coverage.lines()
+    assert lines[0].startswith("coverage: 2 of 5 Conv/Linear-like layers quantized")
+    assert len(lines) == 6 and "unsupported layer type LSTM" in lines[3]
+
+
+def test_unsupported_layers_holding_most_parameters_are_an_error_unless_allowed():
+    with pytest.raises(ValueError, match=r"hold \d+% .*rnn \(LSTM\).*allow_unsupported=True"):
+        quantize_model(_Mixed(hidden=32), "lcq", 4, 4)
+    model = quantize_model(_Mixed(hidden=32), "lcq", 4, 4, allow_unsupported=True)
+    assert isinstance(model.head, QLinear)
+    # a small unsupported layer is reported, not refused
+    model = quantize_model(nn.Sequential(nn.Linear(64, 64), nn.Conv3d(1, 1, 1),
+                                         nn.Linear(64, 4)), "lcq", 4, 4)
+    assert [layer.reason for layer in model.qconvert_coverage.left_float] == [
+        "unsupported layer type Conv3d"]

@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from qconvert.quant import ASQQuantizer, LCQQuantizer, LSQQuantizer, PowerQuantizer, QuantSpec
+from qconvert.quant import (
+    ASQQuantizer,
+    LCQQuantizer,
+    LSQQuantizer,
+    PowerQuantizer,
+    QuantSpec,
+    StepAdapter,
+)
 
 BITS = list(range(2, 9))
 
@@ -824,3 +831,35 @@ def test_bits_outside_range_raise(kind, bits):
 def test_bits_inside_range_accepted(kind):
     for bits in BITS:
         BIT_FACTORIES[kind](bits)
+
+
+@pytest.mark.parametrize("shape, axis, pooled_dims", [
+    ((3, 8), 1, ()), ((3, 8), -1, ()),
+    ((3, 8, 5), 1, (2,)), ((3, 8, 5, 4), 1, (2, 3)),  # convolution inputs: C is dim 1
+    ((3, 5, 8), -1, (1,)), ((3, 2, 5, 8), -1, (1, 2)),  # linear inputs: C is the last dim
+])
+def test_step_adapter_pools_every_axis_but_batch_and_features(shape, axis, pooled_dims):
+    torch.manual_seed(0)
+    adapter = StepAdapter(8, feature_axis=axis)
+    x = torch.randn(shape)
+    features = x.mean(dim=pooled_dims) if pooled_dims else x
+    assert features.shape == (3, 8)
+    with torch.no_grad():
+        assert torch.equal(adapter(x), adapter.net(features).clamp_min(1e-8).reshape(-1))
+
+
+def test_asq_on_a_token_sequence_has_one_step_per_sample():
+    torch.manual_seed(0)
+    q = ASQQuantizer(4, 8, feature_axis=-1).train()
+    x = torch.randn(3, 5, 8)
+    y = q(x)
+    s_a = (q.step * q.beta(x)).detach()
+    assert s_a.shape == (3,)
+    for n in range(3):  # each sample on its own grid of step s_a[n]
+        codes = y[n].detach() / s_a[n]
+        assert torch.allclose(codes, codes.round(), atol=1e-4)
+
+
+def test_step_adapter_rejects_other_feature_axes():
+    with pytest.raises(ValueError, match="feature_axis"):
+        StepAdapter(8, feature_axis=2)

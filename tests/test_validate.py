@@ -67,20 +67,27 @@ def layers_with_mismatches(report: dict) -> list[str]:
 # ---------------------------------------------------------------- happy path
 
 
-# The rounding-tie fixtures (BOUNDARY_REASON) fail end-to-end parity by drift alone:
-# test_lsq_boundary_case_is_drift_not_an_op_error asserts exactly that.
-@pytest.mark.parametrize("key", [k for k in ALL_KEYS if k not in BOUNDARY_KEYS])
+# The rounding-tie fixtures (BOUNDARY_REASON) drift more than 1e-4 x max|output| from
+# PyTorch float32: test_lsq_boundary_case_passes_against_the_referee covers them.
+# FINDING: the zoo's MobileNetV2 under ASQ-POST (two SGD steps on random data) gives the same
+# output for every sample and 16 of its quantizers output only 0: a comparison on it cannot
+# show a difference, so validate calls it INCONCLUSIVE (exit 3) instead of PASS.
+DEGENERATE_KEYS = {"mobilenet-asq-post"}
+
+
+@pytest.mark.parametrize("key", [k for k in ALL_KEYS if k not in BOUNDARY_KEYS | DEGENERATE_KEYS])
 def test_validate_passes_with_report_and_plot(zoo, calib_npz, tmp_path, key):
     report_path, plot_path = tmp_path / "r.json", tmp_path / "p.png"
-    result = run_validate(zoo, key, "--calib", calib_npz, "--per-layer",
+    result = run_validate(zoo, key, "--calib", calib_npz, "--resize", "--per-layer",
                           "--report", report_path, "--plot", plot_path)
     assert result.exit_code == 0, result.output
     assert "PASS" in result.stdout
     report = read_report(report_path)
     assert report["top1_agreement"] == 1.0
-    assert report["passed"] is True
-    assert report["samples"] == 48
+    assert report["passed"] is True and report["verdict"] == "PASS"
+    assert report["samples"] == 48 and report["per_layer_samples"] == 48
     assert report["nan_samples"] == 0
+    assert report["referee"]["onnx"]["top1_agreement"] is not None
     assert report["runtime"] in ("native", "function")
     assert 0 <= report["max_abs_diff"] <= 1e-4 * report["max_abs_output"]
     assert report["torch_accuracy"] == report["onnx_accuracy"] is not None
@@ -99,17 +106,27 @@ def test_validate_passes_with_report_and_plot(zoo, calib_npz, tmp_path, key):
         assert image.size[0] > 600 and image.size[1] > 300
 
 
-def test_lsq_boundary_case_is_drift_not_an_op_error(zoo, calib_npz, tmp_path):
-    """Whatever the end-to-end verdict on digits-lsq, every quantizer op is exact when fed
-    PyTorch's own inputs, and loose thresholds pass it."""
+@pytest.mark.parametrize("key", sorted(DEGENERATE_KEYS))
+def test_degenerate_fixture_is_inconclusive(zoo, calib_npz, tmp_path, key):
     report_path = tmp_path / "r.json"
-    result = run_validate(zoo, "digits-lsq", "--calib", calib_npz, "--per-layer",
-                          "--min-agreement", 0.9, "--max-abs-diff", 1.0,
-                          "--report", report_path)
+    result = run_validate(zoo, key, "--calib", calib_npz, "--resize", "--report", report_path)
+    assert result.exit_code == 3, result.output
+    report = read_report(report_path)
+    assert report["verdict"] == "INCONCLUSIVE" and report["degenerate"]
+    assert all(layer["op_mismatches"] == 0 for layer in report["layers"])
+
+
+def test_lsq_boundary_case_passes_against_the_referee(zoo, calib_npz, tmp_path):
+    """digits-lsq drifts from PyTorch float32 (rounding ties) although every quantizer op is
+    exact: by default, judged against the float64 referee, it passes."""
+    report_path = tmp_path / "r.json"
+    result = run_validate(zoo, "digits-lsq", "--calib", calib_npz, "--report", report_path)
     assert result.exit_code == 0, result.output
     report = read_report(report_path)
+    assert report["verdict"] == "PASS"
     assert all(layer["op_mismatches"] == 0 for layer in report["layers"])
-    assert report["top1_agreement"] >= 0.9
+    assert {c["name"] for c in report["checks"]} == {"finite", "op_exact", "referee_mean",
+                                                     "referee_top1"}
 
 
 @pytest.mark.parametrize("runtime", ["function", "reference"])
@@ -128,7 +145,8 @@ def test_synthetic_samples(zoo, tmp_path):
     assert result.exit_code == 0, result.output
     report = read_report(report_path)
     assert report["samples"] == 20 and report["top1_agreement"] == 1.0
-    assert report["torch_accuracy"] is None and report["layers"] == []
+    assert report["torch_accuracy"] is None and report["per_layer_samples"] == 20
+    assert all(layer["op_mismatches"] == 0 for layer in report["layers"])
     assert "synthetic(20)" in result.stdout
 
 
@@ -247,10 +265,11 @@ def test_corrupted_adaptive_step_fails_on_that_layer(zoo, calib_npz, tmp_path):
     report = read_report(report_path)
     assert report["passed"] is False
     assert layers_with_mismatches(report) == [layer]
-    # thresholds decide: loose enough bounds accept the same (wrong) model
+    # user thresholds add to the default checks; they cannot excuse a wrong op
     loose = run_validate(zoo, key, "--calib", calib_npz, "--min-agreement", 0,
                          "--max-abs-diff", 1e9, model=bad)
-    assert loose.exit_code == 0, loose.output
+    assert loose.exit_code == 1, loose.output
+    assert layer in loose.stderr
 
 
 @pytest.fixture
@@ -317,13 +336,22 @@ def test_max_abs_diff_zero_decides_exit_code(zoo, calib_npz, tmp_path):
     assert rel.exit_code == result.exit_code
 
 
-def test_default_bound_is_relative(zoo, calib_npz, tmp_path):
+def test_default_verdict_uses_the_referee_not_a_fixed_bound(zoo, calib_npz, tmp_path):
     report_path = tmp_path / "r.json"
     result = run_validate(zoo, "digits-post", "--calib", calib_npz, "--report", report_path)
     assert result.exit_code == 0
     report = read_report(report_path)
-    assert report["thresholds"]["max_abs_diff"] == pytest.approx(1e-4 * report["max_abs_output"])
-    assert report["thresholds"]["min_agreement"] == 1.0
+    assert report["thresholds"]["max_abs_diff"] is None
+    assert report["thresholds"]["min_agreement"] is None
+    assert [c["name"] for c in report["checks"]] == ["finite", "op_exact", "referee_mean",
+                                                     "referee_top1"]
+    relative = run_validate(zoo, "digits-post", "--calib", calib_npz, "--max-rel-diff", 1e-4,
+                            "--report", report_path)
+    report = read_report(report_path)
+    assert report["thresholds"]["max_rel_diff"] == 1e-4
+    assert ("max_abs_diff" in {c["name"] for c in report["checks"]}
+            and relative.exit_code == (0 if report["max_abs_diff"] <= 1e-4
+                                       * report["max_abs_output"] else 1))
 
 
 def test_min_agreement_decides_exit_code(zoo, calib_npz):

@@ -16,8 +16,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from qconvert import manifest, native
-from qconvert.export.weight_decode import DECODE_DOMAIN, decode_function, fold_constant_decodes
-from qconvert.ops import DOMAIN, functions, lut_gather, pow2_shift
+from qconvert.export.weight_decode import decode_function, fold_constant_decodes
+from qconvert.ops import DECODE_DOMAIN, DOMAIN, functions, lut_gather, pow2_shift
 from qconvert.ops.packing import pack_codes
 from qconvert.runtime import fold_weight_decodes, session
 

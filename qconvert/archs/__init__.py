@@ -9,13 +9,17 @@ from torch import nn
 
 from .digits_cnn import DigitsCNN
 from .mobilenetv2 import mobilenetv2_small
-from .resnet import resnet18, resnet20
+from .resnet import resnet18, resnet20, resnet50
+from .tv_resnet import tv_resnet18, tv_resnet34
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "digits_cnn": DigitsCNN,
     "resnet20": resnet20,
     "mobilenetv2_small": mobilenetv2_small,
     "resnet18": resnet18,
+    "resnet50": resnet50,
+    "tv_resnet18": tv_resnet18,  # torchvision layout, for imported checkpoints
+    "tv_resnet34": tv_resnet34,
 }
 
 
@@ -43,4 +47,4 @@ def build_architecture(name: str, kwargs: Mapping | None = None) -> nn.Module:
 
 
 __all__ = ["ARCHITECTURES", "DigitsCNN", "build_architecture", "mobilenetv2_small", "resnet18",
-           "resnet20"]
+           "resnet20", "resnet50"]

@@ -77,3 +77,57 @@ class ImageNetResNet(nn.Module):
 def resnet18(in_channels: int = 3, num_classes: int = 1000, width: int = 64) -> ImageNetResNet:
     """ImageNet-shaped ResNet-18 (11.7 M params at width 64), for size and speed figures."""
     return ImageNetResNet(in_channels, num_classes, width)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (stride here, as torchvision's v1.5), 1x1 expand by 4; projected
+    shortcut when the shape changes."""
+
+    def __init__(self, cin: int, width: int, stride: int) -> None:
+        super().__init__()
+        cout = 4 * width
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                          nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
+
+
+class BottleneckResNet(nn.Module):
+    """ImageNet ResNet with bottleneck blocks: 7x7/2 stem, max pool, 4 stages."""
+
+    def __init__(self, blocks: tuple[int, ...], in_channels: int = 3, num_classes: int = 1000,
+                 width: int = 64) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        stages, cin = [], width
+        for i, count in enumerate(blocks):
+            for j in range(count):
+                stages.append(Bottleneck(cin, width * 2**i, 2 if (i > 0 and j == 0) else 1))
+                cin = 4 * width * 2**i
+        self.layers = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(self.pool(self.layers(x)).flatten(1))
+
+
+def resnet50(in_channels: int = 3, num_classes: int = 1000, width: int = 64) -> BottleneckResNet:
+    """ImageNet-shaped ResNet-50 (25.6 M params at width 64), for export-cost figures."""
+    return BottleneckResNet((3, 4, 6, 3), in_channels, num_classes, width)

@@ -30,11 +30,15 @@ from ..quant import (
     LCQQuantizer,
     LSQQuantizer,
     PowerQuantizer,
+    QConv1d,
     QConv2d,
+    QConvTranspose2d,
     QLinear,
     Quantizer,
     quantized_layers,
 )
+
+QuantizedLayer = QConv1d | QConv2d | QConvTranspose2d | QLinear
 
 
 class UniformAct(nn.Module):
@@ -123,9 +127,8 @@ def deploy_weight(q: Quantizer, weight: torch.Tensor) -> nn.Module:
     w = weight.detach()
     index = q.encode(w).reshape(-1)
     if isinstance(q, PowerQuantizer):
-        signed_code = index - q.top_code  # in [-M, M]
-        codes = (signed_code < 0).long() << (q.bits - 1) | signed_code.abs()
-        return PowerWeight(codes, q.alpha.detach().clone(), q.bits, q.root, w.shape)
+        codes, code_bits = q.shift_codes(index)  # wider than q.bits for 2^b + 1 levels
+        return PowerWeight(codes, q.alpha.detach().clone(), code_bits, q.root, w.shape)
     if isinstance(q, LCQQuantizer):
         return TableWeight(index, q.levels(w), q.bits, w.shape)
     if isinstance(q, LSQQuantizer):
@@ -136,27 +139,55 @@ def deploy_weight(q: Quantizer, weight: torch.Tensor) -> nn.Module:
 class _DeployLayer(nn.Module):
     """A quantized layer's deploy parts: activation op, decoded weight, float bias."""
 
-    def __init__(self, layer: QConv2d | QLinear) -> None:
+    def __init__(self, layer: QuantizedLayer) -> None:
         super().__init__()
         self.act = deploy_activation(layer.act_quant)
         self.weight = deploy_weight(layer.weight_quant, layer.weight)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
 
 
-class DeployConv2d(_DeployLayer):
-    def __init__(self, layer: QConv2d) -> None:
+class _DeployConv(_DeployLayer):
+    def __init__(self, layer: QConv1d | QConv2d | QConvTranspose2d) -> None:
         super().__init__(layer)
         self.stride, self.padding = layer.stride, layer.padding
         self.dilation, self.groups = layer.dilation, layer.groups
 
+
+class DeployConv1d(_DeployConv):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv1d(self.act(x), self.weight(), self.bias, self.stride, self.padding,
+                        self.dilation, self.groups)
+
+
+class DeployConv2d(_DeployConv):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(self.act(x), self.weight(), self.bias, self.stride, self.padding,
                         self.dilation, self.groups)
 
 
+class DeployConvTranspose2d(_DeployConv):
+    """The output padding is fixed at the layer's own (no ``output_size`` argument)."""
+
+    def __init__(self, layer: QConvTranspose2d) -> None:
+        super().__init__(layer)
+        self.output_padding = layer.output_padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv_transpose2d(self.act(x), self.weight(), self.bias, self.stride,
+                                  self.padding, self.output_padding, self.groups, self.dilation)
+
+
 class DeployLinear(_DeployLayer):
+    """Any input rank: [N, C] exports as Gemm, [N, T, C] as MatMul + Add."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.act(x), self.weight(), self.bias)
+
+
+DEPLOY_FORMS: dict[type[nn.Module], type[_DeployLayer]] = {
+    QConv1d: DeployConv1d, QConv2d: DeployConv2d, QConvTranspose2d: DeployConvTranspose2d,
+    QLinear: DeployLinear,
+}
 
 
 @dataclass
@@ -164,7 +195,7 @@ class DeployedLayer:
     """What the exporter and inspector need to know about one quantized layer."""
 
     name: str
-    module: DeployConv2d | DeployLinear
+    module: _DeployLayer
     weight_kind: str
     weight_bits: int
     act_kind: str
@@ -173,7 +204,7 @@ class DeployedLayer:
     macs_per_sample: int = 0
 
 
-def _check_folded_weight(name: str, layer: QConv2d | QLinear, deployed: nn.Module) -> None:
+def _check_folded_weight(name: str, layer: QuantizedLayer, deployed: nn.Module) -> None:
     with torch.no_grad():
         expected = layer.weight_quant(layer.weight)
         decoded = deployed.weight()
@@ -185,7 +216,7 @@ def _check_folded_weight(name: str, layer: QConv2d | QLinear, deployed: nn.Modul
         )
 
 
-def _spec_kinds(layer: QConv2d | QLinear) -> tuple[str, str]:
+def _spec_kinds(layer: QuantizedLayer) -> tuple[str, str]:
     spec = getattr(layer, "layer_spec", None)
     if spec is not None:
         return spec.weight.kind, spec.act.kind
@@ -202,8 +233,7 @@ def to_deploy(model: nn.Module, progress=None) -> tuple[nn.Module, list[Deployed
     deploy = copy.deepcopy(model)
     layers: list[DeployedLayer] = []
     for name, layer in quantized_layers(model):
-        cls = DeployConv2d if isinstance(layer, QConv2d) else DeployLinear
-        deployed = cls(layer)
+        deployed = DEPLOY_FORMS[type(layer)](layer)
         _check_folded_weight(name, layer, deployed)
         weight_kind, act_kind = _spec_kinds(layer)
         layers.append(DeployedLayer(name, deployed, weight_kind, layer.weight_quant.bits,

@@ -26,7 +26,7 @@ from .deploy import DeployedLayer, to_deploy
 from .integer import to_integer
 from .weight_decode import fold_constant_decodes, is_weight_decode
 
-COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
+COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 @dataclass
@@ -37,14 +37,25 @@ class ExportResult:
     file_bytes: int
 
 
+@contextlib.contextmanager
+def _torch_logs_silenced():
+    """torch.export logs through handlers bound to the real stderr (``E1127 ... is
+    unsupported``); qconvert reports the failure itself, in one line."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
 def _torch_export(deploy: torch.nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
     batch = torch.export.Dim("batch", min=1)
     # The exporter is chatty (warnings, progress prints, graph dumps on failure); qconvert
     # shows its own summary and a one-line error.
     with (warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()),
-          contextlib.redirect_stderr(io.StringIO())):
+          contextlib.redirect_stderr(io.StringIO()), _torch_logs_silenced()):
         warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         try:
             program = torch.onnx.export(
                 deploy, (example,), dynamo=True, opset_version=opset,
@@ -109,8 +120,10 @@ def _layer_record(model: onnx.ModelProto, layer: DeployedLayer,
     """Where the layer's parts sit in the graph: its compute node, its weight decode, the
     nodes of its activation quantizer (without the ASQ adapter, which validation runs
     apart) and its named values."""
-    (compute,) = [n for n in scope_nodes(model.graph, layer.name)
-                  if n.op_type in COMPUTE_OPS and values["weight"] in n.input]
+    nodes = scope_nodes(model.graph, layer.name)
+    weight = {values["weight"]} | {n.output[0] for n in nodes  # Linear on [N, T, C]: MatMul(x, W^T)
+                                   if n.op_type == "Transpose" and n.input[0] == values["weight"]}
+    (compute,) = [n for n in nodes if n.op_type in COMPUTE_OPS and weight & set(n.input)]
     adapter = f"{layer.name}.act.adapter"
     return LayerRecord(
         name=layer.name, weight_kind=layer.weight_kind, weight_bits=layer.weight_bits,
@@ -162,7 +175,7 @@ def build_onnx(ckpt: Checkpoint, opset: int = 20, with_functions: bool = True,
         raise QConvertError(f"opset {opset} is outside the range the qconvert ops allow "
                             f"({MIN_OPSET}..{MAX_OPSET}); pick one in range with --opset")
     deploy, layers = to_deploy(ckpt.model, progress=progress)
-    example = torch.zeros((2, *ckpt.input.shape))
+    example = torch.zeros((2, *ckpt.input.shape), dtype=ckpt.input.torch_dtype)  # ids: 0
     model = _torch_export(deploy, example, opset)
     values = _name_layer_values(model, layers)
     for index, node in enumerate(model.graph.node):  # short names, recorded below
@@ -197,6 +210,7 @@ def write_atomically(model: onnx.ModelProto, out: Path, force: bool) -> int:
     check_output_path(out, force)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # what a plain open() would give, not mkstemp's 0600
         with os.fdopen(fd, "wb") as f:
             f.write(model.SerializeToString())
         os.replace(tmp, out)
@@ -204,6 +218,12 @@ def write_atomically(model: onnx.ModelProto, out: Path, force: bool) -> int:
         Path(tmp).unlink(missing_ok=True)
         raise
     return out.stat().st_size
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it
+    os.umask(mask)
+    return mask
 
 
 OuterBits = int | Callable[[onnx.ModelProto], int] | None

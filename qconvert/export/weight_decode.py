@@ -28,14 +28,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..ops import DOMAIN, OPS
+from ..ops import DECODE_DOMAIN, DECODE_DOMAIN_VERSION, DECODE_OPS, DOMAIN, OPS
 from ..ops._builder import FunctionBuilder
 from ..ops.pow2_shift import MAX_BITS
 from ..quant.pot import magnitude_table
-
-DECODE_DOMAIN = "qconvert.decode"
-DECODE_DOMAIN_VERSION = 1
-DECODE_OPS = ("LutGather", "Pow2Shift")
 
 
 def is_weight_decode(node: onnx.NodeProto) -> bool:

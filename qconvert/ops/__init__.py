@@ -10,6 +10,8 @@ from onnx.reference.op_run import OpRun
 
 from . import adaptive_step, compand_quant, lut_gather, pow2_shift, uniform_quant
 from ._builder import (
+    DECODE_DOMAIN,
+    DECODE_DOMAIN_VERSION,
     DOMAIN,
     DOMAIN_VERSION,
     MAX_OPSET,
@@ -40,7 +42,7 @@ def translation_table() -> dict:
     return {m.TORCH_OP: m.translate for m in OPS.values()}
 
 
-def _op_run_class(module: ModuleType) -> type[OpRun]:
+def _op_run_class(module: ModuleType, domain: str = DOMAIN) -> type[OpRun]:
     """An onnx.reference OpRun that evaluates the op with its numpy reference."""
     attributes = module.ATTRIBUTES
 
@@ -49,10 +51,14 @@ def _op_run_class(module: ModuleType) -> type[OpRun]:
         values = {k: list(v) if k == "shape" else int(v) for k, v in values.items()}
         return (module.reference(*inputs, **values),)
 
-    return type(module.NAME, (OpRun,), {"op_domain": DOMAIN, "_run": _run})
+    return type(module.NAME, (OpRun,), {"op_domain": domain, "_run": _run})
 
 
-REFERENCE_OPS: list[type[OpRun]] = [_op_run_class(m) for m in OPS.values()]
+# The reference runtime evaluates every qconvert op, and the weight decodes in their
+# function-only domain, with the numpy references.
+REFERENCE_OPS: list[type[OpRun]] = [_op_run_class(m) for m in OPS.values()] + [
+    _op_run_class(OPS[name], DECODE_DOMAIN) for name in DECODE_OPS]
 
-__all__ = ["ACTIVATION_OPS", "DECODE_OPS", "DOMAIN", "DOMAIN_VERSION", "MAX_OPSET", "MIN_OPSET",
-           "OPS", "REFERENCE_OPS", "SUPPORTED_DOMAIN_VERSIONS", "functions", "translation_table"]
+__all__ = ["ACTIVATION_OPS", "DECODE_DOMAIN", "DECODE_DOMAIN_VERSION", "DECODE_OPS", "DOMAIN",
+           "DOMAIN_VERSION", "MAX_OPSET", "MIN_OPSET", "OPS", "REFERENCE_OPS",
+           "SUPPORTED_DOMAIN_VERSIONS", "functions", "translation_table"]

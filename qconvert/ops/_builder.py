@@ -11,6 +11,9 @@ DOMAIN = "qconvert"
 # Version 2 added UniformQuant; version-1 models (without it) still load and run.
 DOMAIN_VERSION = 2
 SUPPORTED_DOMAIN_VERSIONS = (1, 2)
+# Weight decodes over constants live in a function-only domain that no runtime registers a
+# kernel for, so ONNX Runtime inlines and folds them at load (qconvert/export/weight_decode.py).
+DECODE_DOMAIN, DECODE_DOMAIN_VERSION = "qconvert.decode", 1
 MIN_OPSET, MAX_OPSET = 18, 22
 QCONVERT = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
 

@@ -1,11 +1,20 @@
 """QAT quantizers (LSQ, LCQ, ASQ, POT/POST), quantized layers and ``quantize_model``."""
 
 from .asq import ASQQuantizer, StepAdapter
+from .attention import SplitMultiheadAttention, split_attention
 from .base import Quantizer
-from .layers import QUANTIZED_LAYERS, QConv2d, QLinear, quantized_layers
+from .coverage import CoverageReport, LayerCoverage, layer_coverage
+from .layers import (
+    QUANTIZED_LAYERS,
+    QConv1d,
+    QConv2d,
+    QConvTranspose2d,
+    QLinear,
+    quantized_layers,
+)
 from .lcq import LCQQuantizer
 from .lsq import LSQQuantizer
-from .pot import PowerQuantizer
+from .pot import PowerQuantizer, WidePowerQuantizer
 from .schemes import (
     SCHEMES,
     LayerSpec,
@@ -16,8 +25,9 @@ from .schemes import (
 )
 
 __all__ = [
-    "quantized_layers",
-    "ASQQuantizer", "LCQQuantizer", "LSQQuantizer", "LayerSpec", "PowerQuantizer", "QConv2d",
-    "QLinear", "QUANTIZED_LAYERS", "QuantSpec", "Quantizer", "SCHEMES", "StepAdapter",
-    "apply_layer_specs", "quantize_model", "scheme_layer_specs",
+    "ASQQuantizer", "CoverageReport", "LCQQuantizer", "LSQQuantizer", "LayerCoverage",
+    "LayerSpec", "PowerQuantizer", "QConv1d", "QConv2d", "QConvTranspose2d", "QLinear",
+    "QUANTIZED_LAYERS", "QuantSpec", "Quantizer", "SCHEMES", "SplitMultiheadAttention",
+    "StepAdapter", "WidePowerQuantizer", "apply_layer_specs", "layer_coverage",
+    "quantize_model", "quantized_layers", "scheme_layer_specs", "split_attention",
 ]

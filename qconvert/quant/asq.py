@@ -15,13 +15,23 @@ BETA_FLOOR = 1e-8
 
 
 class StepAdapter(nn.Module):
-    """GAP (4-D inputs) -> Linear(C, C//4) -> ReLU -> Linear(C//4, 1) -> ReLU.
+    """Pool -> Linear(C, C//4) -> ReLU -> Linear(C//4, 1) -> ReLU: one factor per sample.
 
+    The pooling averages every axis except the batch axis (0) and the feature axis, for
+    any input rank, leaving [N, C]: the feature axis is 1 for a convolution's input
+    ([N, C, L] or [N, C, H, W]) and the last one for a linear layer's ([N, C] or token
+    sequences [N, T, C]). ASQ's adapter reads "the activations"; for a token sequence
+    that is the mean token, as for an image it is the mean pixel. Dimension 0 is the
+    sample: sequence-first layouts ([T, N, C]) get one factor per position instead.
     For C < 8 a single Linear(C, 1) -> ReLU.
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, feature_axis: int = 1) -> None:
         super().__init__()
+        if feature_axis not in (1, -1):
+            raise ValueError(f"feature_axis must be 1 (convolution) or -1 (linear), "
+                             f"got {feature_axis}")
+        self.feature_axis = feature_axis
         if channels >= 8:
             hidden = channels // 4
             self.net = nn.Sequential(
@@ -33,18 +43,31 @@ class StepAdapter(nn.Module):
         nn.init.normal_(last.weight, 0.0, 0.01)
         nn.init.constant_(last.bias, 1.0)
 
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, C]: the mean over every axis but the batch and the feature axis."""
+        if x.dim() <= 2:
+            return x
+        if self.feature_axis == 1:
+            return x.mean(dim=tuple(range(2, x.dim())))
+        return x.mean(dim=tuple(range(1, x.dim() - 1)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
+        pooled = self.pooled(x)
         return torch.clamp(self.net(pooled), min=BETA_FLOOR).reshape(-1)
 
 
 class ASQQuantizer(Quantizer):
-    """``s_a = s * beta(x)``; ``y = clamp(round(x / s_a), lo, hi) * s_a`` per sample."""
+    """``s_a = s * beta(x)``; ``y = clamp(round(x / s_a), lo, hi) * s_a`` per sample.
 
-    def __init__(self, bits: int, channels: int, signed: bool | None = None) -> None:
+    ``feature_axis``: 1 for a convolution's input, -1 for a linear layer's (see
+    :class:`StepAdapter` for how the adapter pools each).
+    """
+
+    def __init__(self, bits: int, channels: int, signed: bool | None = None,
+                 feature_axis: int = 1) -> None:
         super().__init__(bits, signed, is_weight=False)
         self.step = nn.Parameter(torch.ones(1))
-        self.adapter = StepAdapter(channels)
+        self.adapter = StepAdapter(channels, feature_axis)
 
     def init_from(self, x: torch.Tensor) -> None:
         qp = max(self.code_range[1], 1)

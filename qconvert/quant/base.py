@@ -7,12 +7,27 @@ estimators are autograd functions (identity forward) rather than the
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 MIN_BITS, MAX_BITS = 2, 8
+_PASS_UNINITIALISED = False  # see pass_uninitialised()
+
+
+@contextlib.contextmanager
+def pass_uninitialised() -> Iterator[None]:
+    """Within this block an uninitialised quantizer in eval mode returns its input instead
+    of raising: for a shape check on a model that has not been trained yet."""
+    global _PASS_UNINITIALISED
+    before, _PASS_UNINITIALISED = _PASS_UNINITIALISED, True
+    try:
+        yield
+    finally:
+        _PASS_UNINITIALISED = before
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -81,6 +96,8 @@ class Quantizer(nn.Module):
     init state live in buffers, so checkpoints carry them.
     """
 
+    calls = 0  # forward passes since the last reset; validation checks every quantizer ran
+
     def __init__(self, bits: int, signed: bool | None, is_weight: bool = False) -> None:
         super().__init__()
         self.bits = check_bits(bits)
@@ -100,7 +117,10 @@ class Quantizer(nn.Module):
         return int_range(self.bits, self.signed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
         if not bool(self.initialized):
+            if not self.training and _PASS_UNINITIALISED:
+                return x
             if not self.training:
                 raise RuntimeError(
                     f"{type(self).__name__} was never initialised: run a training-mode "

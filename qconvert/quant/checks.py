@@ -7,7 +7,7 @@ from torch import nn
 
 from .asq import ASQQuantizer
 from .base import Quantizer
-from .layers import QConv2d, QLinear
+from .layers import QUANTIZED_LAYERS
 from .lcq import LCQQuantizer
 from .lsq import LSQQuantizer
 from .pot import PowerQuantizer
@@ -43,7 +43,7 @@ def quantizer_problem(q: Quantizer) -> str | None:
 def first_parameter_problem(model: nn.Module) -> str | None:
     """The first problem found, naming the layer: non-finite weights, bad quantizer params."""
     for name, layer in model.named_modules():
-        if not isinstance(layer, QConv2d | QLinear):
+        if not isinstance(layer, QUANTIZED_LAYERS):
             continue
         for param_name, param in layer.named_parameters(recurse=False):
             if not torch.isfinite(param).all():

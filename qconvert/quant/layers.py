@@ -1,4 +1,4 @@
-"""Quantized Conv2d and Linear: ``y = op(Q_a(x), Q_w(W)) + b``."""
+"""Quantized Conv1d, Conv2d, ConvTranspose2d and Linear: ``y = op(Q_a(x), Q_w(W)) + b``."""
 
 from __future__ import annotations
 
@@ -18,15 +18,17 @@ class _Quantized:
         self.weight_quant = weight_quant
 
 
-class QConv2d(_Quantized, nn.Conv2d):
-    """A Conv2d that quantizes its input activation and its weight."""
+def _check_zero_padding(conv: nn.Module) -> None:
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"padding_mode {conv.padding_mode!r} is not supported (only 'zeros')")
+
+
+class _QConv(_Quantized):
+    """Conv1d / Conv2d: the float class's own convolution on the quantized input and weight."""
 
     @classmethod
-    def from_float(
-        cls, conv: nn.Conv2d, act_quant: Quantizer, weight_quant: Quantizer
-    ) -> QConv2d:
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"padding_mode {conv.padding_mode!r} is not supported (only 'zeros')")
+    def from_float(cls, conv: nn.Module, act_quant: Quantizer, weight_quant: Quantizer):
+        _check_zero_padding(conv)
         layer = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
             padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
@@ -39,8 +41,44 @@ class QConv2d(_Quantized, nn.Conv2d):
         return self._conv_forward(self.act_quant(x), self.weight_quant(self.weight), self.bias)
 
 
+class QConv1d(_QConv, nn.Conv1d):
+    """A Conv1d that quantizes its input activation and its weight."""
+
+
+class QConv2d(_QConv, nn.Conv2d):
+    """A Conv2d that quantizes its input activation and its weight."""
+
+
+class QConvTranspose2d(_Quantized, nn.ConvTranspose2d):
+    """A ConvTranspose2d that quantizes its input activation and its weight.
+
+    The weight is [in, out / groups, kH, kW]: a per-channel weight quantizer is per
+    input channel (dim 0), as everywhere in qconvert.
+    """
+
+    @classmethod
+    def from_float(cls, conv: nn.ConvTranspose2d, act_quant: Quantizer,
+                   weight_quant: Quantizer) -> QConvTranspose2d:
+        _check_zero_padding(conv)
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+            padding=conv.padding, output_padding=conv.output_padding, groups=conv.groups,
+            bias=conv.bias is not None, dilation=conv.dilation, act_quant=act_quant,
+            weight_quant=weight_quant,
+        )
+        layer.load_state_dict(conv.state_dict(), strict=False)
+        return layer
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        output_padding = self._output_padding(x, output_size, self.stride, self.padding,
+                                              self.kernel_size, 2, self.dilation)
+        return F.conv_transpose2d(self.act_quant(x), self.weight_quant(self.weight), self.bias,
+                                  self.stride, self.padding, output_padding, self.groups,
+                                  self.dilation)
+
+
 class QLinear(_Quantized, nn.Linear):
-    """A Linear layer that quantizes its input activation and its weight."""
+    """A Linear layer that quantizes its input activation and its weight; any input rank."""
 
     @classmethod
     def from_float(
@@ -55,7 +93,12 @@ class QLinear(_Quantized, nn.Linear):
         return F.linear(self.act_quant(x), self.weight_quant(self.weight), self.bias)
 
 
-QUANTIZED_LAYERS = (QConv2d, QLinear)
+QUANTIZED_LAYERS = (QConv1d, QConv2d, QConvTranspose2d, QLinear)
+# float class -> its quantized twin
+QUANTIZED_TWINS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Conv1d: QConv1d, nn.Conv2d: QConv2d, nn.ConvTranspose2d: QConvTranspose2d,
+    nn.Linear: QLinear,
+}
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -24,24 +24,26 @@ def compressor(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return t * theta.numel(), offsets
 
 
-def interval_starts(intervals: int) -> torch.Tensor:
-    """``d_k = k / K`` in float32, computed by division as the op specification does."""
-    return torch.arange(intervals, dtype=torch.float32) / intervals
+def interval_starts(intervals: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``d_k = k / K`` (float32 unless asked), computed by division as the op specification
+    does."""
+    return torch.arange(intervals, dtype=dtype) / intervals
 
 
 def compress(v: torch.Tensor, slopes: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """``f(v) = g_k (v - d_k) + B_k`` with ``k = min(floor(v K), K - 1)``, for v in [0, 1]."""
     intervals = slopes.numel()
     k = torch.floor(v * intervals).nan_to_num(0).long().clamp(0, intervals - 1)
-    d = interval_starts(intervals).to(v.device)
+    d = interval_starts(intervals, v.dtype).to(v.device)
     return slopes[k] * (v - d[k]) + offsets[k]
 
 
 def expand(u: torch.Tensor, slopes: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """``f^-1(u) = d_k + (u - B_k) / g_k`` on the interval k whose image holds u."""
     intervals = slopes.numel()
-    k = (torch.searchsorted(offsets.detach(), u.detach(), right=True) - 1).clamp(0, intervals - 1)
-    d = interval_starts(intervals).to(u.device)
+    below = torch.searchsorted(offsets.detach(), u.detach().contiguous(), right=True)
+    k = (below - 1).clamp(0, intervals - 1)
+    d = interval_starts(intervals, u.dtype).to(u.device)
     return d[k] + (u - offsets[k]) / slopes[k]
 
 

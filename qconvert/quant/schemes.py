@@ -12,13 +12,14 @@ from dataclasses import asdict, dataclass, field, replace
 from torch import nn
 
 from .asq import ASQQuantizer
+from .attention import SplitMultiheadAttention, split_attention
 from .base import Quantizer, check_bits
-from .layers import QConv2d, QLinear
+from .coverage import layer_coverage, quantized_twin
 from .lcq import LCQQuantizer
 from .lsq import LSQQuantizer
-from .pot import PowerQuantizer
+from .pot import PowerQuantizer, WidePowerQuantizer
 
-WEIGHT_KINDS = ("lsq", "lcq", "pot", "post")
+WEIGHT_KINDS = ("lsq", "lcq", "pot", "post", "pot-wide", "post-wide")
 ACT_KINDS = ("lsq", "lcq", "asq")
 
 
@@ -81,34 +82,42 @@ def make_weight_quantizer(spec: QuantSpec, out_channels: int) -> Quantizer:
     if spec.kind in ("pot", "post"):
         root = 1 if spec.kind == "pot" else 2
         return PowerQuantizer(spec.bits, root, channels=channels, normalize=spec.normalize)
+    if spec.kind in ("pot-wide", "post-wide"):  # 2^b + 1 levels, as imported checkpoints
+        root = 1 if spec.kind == "pot-wide" else 2
+        return WidePowerQuantizer(spec.bits, root, channels=channels, normalize=spec.normalize)
     raise ValueError(f"unknown weight quantizer {spec.kind!r}; choose from {WEIGHT_KINDS}")
 
 
-def make_act_quantizer(spec: QuantSpec, in_channels: int) -> Quantizer:
+def make_act_quantizer(spec: QuantSpec, in_channels: int, feature_axis: int = 1) -> Quantizer:
+    """``feature_axis``: where the input's features are (1: convolution, -1: linear)."""
     if spec.kind == "lsq":
         return LSQQuantizer(spec.bits, signed=spec.signed)
     if spec.kind == "lcq":
         return LCQQuantizer(spec.bits, signed=spec.signed, intervals=spec.intervals)
     if spec.kind == "asq":
-        return ASQQuantizer(spec.bits, in_channels, signed=spec.signed)
+        return ASQQuantizer(spec.bits, in_channels, signed=spec.signed, feature_axis=feature_axis)
     raise ValueError(f"unknown activation quantizer {spec.kind!r}; choose from {ACT_KINDS}")
 
 
 def quantize_layer(layer: nn.Module, spec: LayerSpec) -> nn.Module:
-    """The quantized twin of a Conv2d or Linear, sharing its float weights."""
-    if isinstance(layer, nn.Conv2d):
-        wq = make_weight_quantizer(spec.weight, layer.out_channels)
-        return QConv2d.from_float(layer, make_act_quantizer(spec.act, layer.in_channels), wq)
+    """The quantized twin of a Conv1d, Conv2d, ConvTranspose2d or Linear, sharing its
+    float weights. A per-channel weight quantizer is per row of the weight (dim 0)."""
+    twin = quantized_twin(layer)
+    if twin is None:
+        raise TypeError(f"cannot quantize {type(layer).__name__}: only Conv1d, Conv2d, "
+                        "ConvTranspose2d and Linear")
+    wq = make_weight_quantizer(spec.weight, layer.weight.shape[0])
     if isinstance(layer, nn.Linear):
-        wq = make_weight_quantizer(spec.weight, layer.out_features)
-        return QLinear.from_float(layer, make_act_quantizer(spec.act, layer.in_features), wq)
-    raise TypeError(f"cannot quantize {type(layer).__name__}: only Conv2d and Linear")
+        aq = make_act_quantizer(spec.act, layer.in_features, feature_axis=-1)
+    else:
+        aq = make_act_quantizer(spec.act, layer.in_channels, feature_axis=1)
+    return twin.from_float(layer, aq, wq)
 
 
 def quantizable_layers(model: nn.Module) -> list[str]:
-    """Names of the Conv2d / Linear layers, in registration order."""
-    return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Conv2d | nn.Linear) and not isinstance(m, QConv2d | QLinear)]
+    """Names of the layers ``quantize_model`` can quantize, in registration order
+    (attention projections once :func:`split_attention` has run)."""
+    return [name for name, m in model.named_modules() if quantized_twin(m) is not None]
 
 
 def scheme_layer_specs(
@@ -122,16 +131,20 @@ def scheme_layer_specs(
 ) -> dict[str, LayerSpec | None]:
     """Resolve a scheme to one spec per layer (None leaves a layer in float).
 
-    First conv and last linear (registration order) get uniform LSQ at
+    The first and last quantizable layers (registration order; a first attention's query,
+    key and value projections together) get uniform LSQ at
     ``first_last_bits``, the first with a signed input quantizer, as in the
     papers' setups; ``first_last_bits=None`` treats them like the others.
     ``overrides`` maps a layer name to None (keep float) or to a dict with
-    optional ``weight`` / ``act`` dicts of :class:`QuantSpec` fields.
+    optional ``weight`` / ``act`` dicts of :class:`QuantSpec` fields. Attention is split
+    into its projections first (in place; see :func:`split_attention`).
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
     recipe = SCHEMES[scheme]
+    split_attention(model)
     names = quantizable_layers(model)
+    first_group = _first_layers(model, names)
     overrides = dict(overrides or {})
     unknown = set(overrides) - set(names)
     if unknown:
@@ -143,7 +156,7 @@ def scheme_layer_specs(
                              **recipe.weight_options),
             act=QuantSpec(recipe.act, act_bits),
         )
-        is_first, is_last = name == names[0], name == names[-1]
+        is_first, is_last = name in first_group, name == names[-1]
         if first_last_bits is not None and (is_first or is_last):
             spec = LayerSpec(
                 weight=QuantSpec("lsq", first_last_bits, per_channel=per_channel),
@@ -167,8 +180,35 @@ def _apply_override(spec: LayerSpec, override: Mapping | None) -> LayerSpec | No
     )
 
 
+def first_last_rule_layers(model: nn.Module, first_last_bits: int | None,
+                           overrides: Mapping[str, Mapping | None] | None = None) -> set[str]:
+    """The layers the first/last-layer rule sets (none when ``first_last_bits`` is None or
+    an override names them)."""
+    names = quantizable_layers(model)
+    if first_last_bits is None or not names:
+        return set()
+    return (_first_layers(model, names) | {names[-1]}) - set(overrides or {})
+
+
+def _first_layers(model: nn.Module, names: list[str]) -> set[str]:
+    """The first layer; when that is an attention's query projection, also its key and
+    value projections, which read the same input."""
+    if not names:
+        return set()
+    parent_name, _, child = names[0].rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, SplitMultiheadAttention) and child == "q_proj":
+        prefix = f"{parent_name}." if parent_name else ""
+        return {prefix + p for p in ("q_proj", "k_proj", "v_proj")}
+    return {names[0]}
+
+
 def apply_layer_specs(model: nn.Module, specs: Mapping[str, LayerSpec | None]) -> nn.Module:
-    """Replace each named layer by its quantized twin, in place; returns the model."""
+    """Replace each named layer by its quantized twin, in place; returns the model.
+
+    Attention is split into its projections first, as :func:`scheme_layer_specs` does.
+    """
+    split_attention(model)
     for name, spec in specs.items():
         if spec is None:
             continue
@@ -192,14 +232,26 @@ def quantize_model(
     first_last_bits: int | None = 8,
     per_channel: bool = False,
     overrides: Mapping[str, Mapping | None] | None = None,
+    allow_unsupported: bool = False,
 ) -> nn.Module:
-    """Turn every Conv2d / Linear of ``model`` into its quantized twin (in place).
+    """Turn every Conv1d / Conv2d / ConvTranspose2d / Linear of ``model``, and the four
+    projections of every ``nn.MultiheadAttention``, into quantized twins (in place).
 
     Schemes: ``lsq``, ``lcq``, ``asq-lsq``, ``asq-post``, ``pot``, ``post``.
-    Quantizers initialise from the first training-mode batch.
+    Quantizers initialise from the first training-mode batch. The model's
+    ``qconvert_coverage`` (a :class:`CoverageReport`) lists every Conv/Linear-like layer
+    left float or set by the first/last-layer rule, and why. Layers of unsupported types
+    (e.g. ``nn.LSTM``, ``nn.Conv3d``) stay float; when they hold most of the
+    Conv/Linear-like parameters this raises, unless ``allow_unsupported``.
     """
     specs = scheme_layer_specs(model, scheme, weight_bits, act_bits, first_last_bits,
                                per_channel, overrides)
+    coverage = layer_coverage(model, specs,
+                              first_last_rule_layers(model, first_last_bits, overrides))
+    problem = coverage.unsupported_majority()
+    if problem and not allow_unsupported:
+        raise ValueError(f"{problem}; pass allow_unsupported=True to quantize the rest anyway")
     model = apply_layer_specs(model, specs)
     model.qconvert_scheme = scheme
+    model.qconvert_coverage = coverage
     return model
