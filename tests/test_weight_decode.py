@@ -13,6 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 from qconvert import manifest, native
 from qconvert.export.weight_decode import decode_function, fold_constant_decodes
@@ -243,6 +244,22 @@ def _run_decode_at_inference(op: str, inputs: list[np.ndarray], attrs: dict):
     return sess.run(None, dict(zip(names, inputs, strict=True)))[0]
 
 
+@pytest.mark.parametrize(("op", "bits", "per_channel", "root"),
+                         [("LutGather", 8, False, 1), ("LutGather", 3, True, 1),
+                          ("Pow2Shift", 5, True, 2), ("Pow2Shift", 8, False, 1)])
+def test_onnx_reference_evaluator_runs_the_decode_body(op, bits, per_channel, root):
+    """The reference runtime (onnx.reference) evaluates the same body."""
+    rng = np.random.default_rng(bits)
+    inputs, attrs, want = (_lut_case(bits, per_channel, rng) if op == "LutGather"
+                           else _pow2_case(bits, per_channel, root, rng))
+    model = _conv_model(op, inputs, attrs)
+    fold_constant_decodes(model)
+    del model.graph.node[1], model.graph.input[:], model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, WEIGHT_SHAPE))
+    got = ReferenceEvaluator(model).run(None, {})[0]
+    assert _bits(got) == _bits(want)
+
+
 def test_decode_body_at_inference_matches_the_reference():
     rng = np.random.default_rng(5)
     for inputs, attrs, want in (_lut_case(5, True, rng), _pow2_case(7, False, 2, rng)):
@@ -267,5 +284,5 @@ def _bad_decodes():
 @pytest.mark.parametrize(("op", "inputs", "attrs"),
                          [pytest.param(*case[1:], id=case[0]) for case in _bad_decodes()])
 def test_decode_body_refuses_what_the_op_refuses(op, inputs, attrs):
-    with pytest.raises(Exception, match="rejects|out of (data )?bounds|GatherElements|index"):
+    with pytest.raises(Exception, match="rejects|out of (data )?bounds|index"):
         _run_decode_at_inference(op, inputs, attrs)

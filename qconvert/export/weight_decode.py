@@ -16,8 +16,8 @@ inlined body would repeat its nodes for every weight: +56 % to +104 % on the shi
 checkpoints). It is a lean form of the op's portable body, written for folding: the
 codes are unpacked eight at a time (eight codes of ``bits`` bits fill exactly ``bits``
 bytes, so each code's byte and shift within its group are constants of the bit width)
-with 32-bit BitShift / BitwiseAnd, and the weight is one GatherElements from a
-``[rows, levels]`` table (Pow2Shift's table is its 2^bits sign + magnitude patterns per
+with 32-bit BitShift / BitwiseAnd, and the weight is one Gather from a ``[rows, levels]``
+table (Pow2Shift's table is its 2^bits sign + magnitude patterns per
 channel, computed in the order docs/ops.md gives). Decodes whose inputs are computed at
 run time stay ``qconvert`` ops and run on the native kernels.
 """
@@ -70,14 +70,31 @@ def decode_function(op_type: str, opset: int) -> onnx.FunctionProto:
         table = _checked_lut_table(fb, shape, bits, count)
     else:
         table = _pow2_table(fb, shape, bits, count)
-    rows = fb.node("Div", fb.node("Size", table), _last_dim(fb, table))
-    index = fb.node("Reshape", codes, fb.node("Concat", _vector(fb, rows),
-                                             fb.const([-1], np.int64), axis=0))
-    values = fb.node("GatherElements", table, index, axis=1)  # refuses a code >= levels
+    values = fb.node("Gather", fb.node("Reshape", table, fb.const([-1], np.int64)),
+                     _flat_index(fb, codes, table), axis=0)
     fb.nodes.append(onnx.helper.make_node("Reshape", [values, shape], ["Y"]))
     function = fb.build(["Y"], opset)
     function.domain = DECODE_DOMAIN
     return function
+
+
+def _flat_index(fb: FunctionBuilder, codes: str, table: str) -> str:
+    """int32 index of each code into the flattened [rows, levels] table: row * levels + code,
+    rows splitting the codes evenly (one row: a per-tensor table). A code outside its row
+    becomes an index Gather refuses: an error, never a read of the next row."""
+    int32 = onnx.TensorProto.INT32
+    size = fb.node("Size", table)
+    levels = _last_dim(fb, table)
+    rows = fb.node("Div", size, levels)
+    by_row = fb.node("Reshape", codes, fb.node("Concat", _vector(fb, rows),
+                                               fb.const([-1], np.int64), axis=0))
+    levels32 = fb.node("Cast", levels, to=int32)
+    first = fb.node("Mul", fb.node("Cast", fb.node("Range", fb.const(0, np.int64), rows,
+                                                   fb.const(1, np.int64)), to=int32), levels32)
+    flat = fb.node("Add", by_row, fb.node("Reshape", first, fb.const([-1, 1], np.int64)))
+    refused = fb.node("Cast", fb.node("Sub", fb.node("Neg", size), fb.const(1, np.int64)),
+                      to=int32)
+    return fb.node("Where", fb.node("Less", by_row, levels32), flat, refused)
 
 
 def _vector(fb: FunctionBuilder, scalar: str) -> str:
