@@ -16,9 +16,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import qconvert.validate as val
+from qconvert import manifest
 from qconvert.calib import load_calibration
 from qconvert.checkpoint import Checkpoint, InputSpec, load_checkpoint, save_checkpoint
 from qconvert.errors import QConvertError
@@ -80,16 +82,6 @@ def test_end_to_end_figures_come_from_the_file_as_deployed(zoo, calib_npz):
 # ------------------------------------------------------------- every quantizer ran
 
 
-class _Encoder(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
-        self.head = nn.Linear(16, 10)
-
-    def forward(self, x):
-        return self.head(self.enc(x).mean(1))
-
-
 class _StubSession:
     """Stands in for the ONNX side: validate must refuse before comparing anything."""
 
@@ -99,17 +91,32 @@ class _StubSession:
         return [np.zeros((len(feeds["input"]), 10), np.float32)]
 
 
+class _Bypass(nn.Module):
+    """Reads a layer's float weight directly (as nn.MultiheadAttention's fused path did with
+    out_proj): that layer's quantizers never run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(F.linear(x, self.inner.weight, self.inner.bias)))
+
+
 def test_validate_refuses_a_pytorch_model_whose_quantizers_did_not_run():
     torch.manual_seed(0)
-    model = quantize_model(_Encoder(), "lsq", 4, 4)
+    model = quantize_model(_Bypass(), "lsq", 4, 4)
     model.train()
-    model(torch.randn(4, 8, 16))
+    model(torch.randn(4, 16))
     ckpt = Checkpoint(model=model.eval(), arch="test", arch_kwargs={}, scheme="lsq",
-                      layer_specs={}, input=InputSpec((8, 16)))
-    data = val.CalibData(np.random.default_rng(0).random((4, 8, 16), dtype=np.float32),
+                      layer_specs={}, input=InputSpec((16,)))
+    data = val.CalibData(np.random.default_rng(0).random((4, 16), dtype=np.float32),
                          None, "test")
-    with pytest.raises(QConvertError, match="did not run 6 of its quantizers"):
-        val.validate(ckpt, onnx.ModelProto(), data, lambda m: _StubSession())
+    exported = onnx.ModelProto()
+    manifest.write(exported, manifest.Manifest("0", "lsq", "test", "", {"shape": [16]}, []))
+    with pytest.raises(QConvertError, match="did not run 2 of its quantizers"):
+        val.validate(ckpt, exported, data, lambda m: _StubSession())
 
 
 # ------------------------------------------------------------- degenerate comparisons
