@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from qconvert import native  # noqa: E402
 from qconvert.archs import build_architecture  # noqa: E402
-from qconvert.bench import _quiet, export_float, float_model, quantize_int8  # noqa: E402
+from qconvert.bench import export_float, float_model, quantize_int8  # noqa: E402
 from qconvert.calib import load_calibration  # noqa: E402
 from qconvert.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from qconvert.export.integer import integer_summary, to_integer  # noqa: E402
@@ -49,26 +49,8 @@ RANDOM = {"resnet18": ("resnet18", {}, (3, 224, 224)),
 
 
 def quantize_u8s8(fp32_path: Path, out: Path, samples: np.ndarray) -> None:
-    """ONNX Runtime's fast x86 int8: quantize_static QDQ with uint8 activations and int8
-    per-channel weights, calibrated (min / max) on ``samples``."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{"input": samples[i:i + 16]} for i in range(0, len(samples), 16)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    with _quiet():
-        quantize_static(str(fp32_path), str(out), Reader(), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        per_channel=True)
+    """ONNX Runtime's fast x86 int8 (uint8 activations, int8 per-channel weights)."""
+    quantize_int8(fp32_path, out, samples, fast=True)
 
 
 def plain_session(path: Path, threads: int) -> ort.InferenceSession:

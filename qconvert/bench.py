@@ -13,13 +13,10 @@ Tables and plots: ``bench_report``.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +29,8 @@ import torch
 from .archs import build_architecture
 from .calib import CalibData
 from .checkpoint import Checkpoint
-from .export.onnx_export import export_checkpoint
+from .errors import QConvertError
+from .export.onnx_export import export_checkpoint, quiet_exporter
 from .inspect_model import inspect_model
 from .native import library_path, register
 from .preprocess import prepare_inputs
@@ -42,6 +40,7 @@ Runner = Callable[[np.ndarray], np.ndarray]
 # Row names (bench_report finds rows by them).
 PLAIN = "plain load (ORT + library)"
 SESSION = "qconvert session"
+INTEGER = "integer b'=8 (plain load)"
 STOCK = "stock ORT (function bodies)"
 FP32 = "FP32 ONNX (ORT)"
 EAGER = "PyTorch eager QAT"
@@ -75,14 +74,6 @@ class BenchResult:
         return json.dumps(asdict(self), indent=2)
 
 
-def _quiet():
-    stack = contextlib.ExitStack()
-    stack.enter_context(warnings.catch_warnings())
-    warnings.simplefilter("ignore")
-    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
-    return stack
-
-
 def float_model(ckpt: Checkpoint) -> torch.nn.Module:
     """The same architecture in float, carrying the QAT model's latent float weights."""
     model = build_architecture(ckpt.arch, ckpt.arch_kwargs)
@@ -93,7 +84,7 @@ def float_model(ckpt: Checkpoint) -> torch.nn.Module:
 
 def export_float(model: torch.nn.Module, shape: tuple[int, ...], out: Path) -> float:
     started = time.perf_counter()
-    with _quiet():
+    with quiet_exporter():
         torch.onnx.export(model, (torch.zeros(2, *shape),), str(out), dynamo=True,
                           external_data=False,
                           input_names=["input"], output_names=["output"],
@@ -101,8 +92,10 @@ def export_float(model: torch.nn.Module, shape: tuple[int, ...], out: Path) -> f
     return time.perf_counter() - started
 
 
-def quantize_int8(fp32_path: Path, out: Path, samples: np.ndarray) -> None:
-    """The baseline users reach for: static int8 QDQ, calibrated on the same data."""
+def quantize_int8(fp32_path: Path, out: Path, samples: np.ndarray, fast: bool = True) -> None:
+    """ONNX Runtime's own static int8 QDQ model, calibrated on the same data. ``fast``:
+    U8S8 (uint8 activations, int8 per-channel weights), the form ORT fuses on x86;
+    otherwise S8S8 per-tensor, quantize_static's signed form, which it does not fuse."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -117,9 +110,10 @@ def quantize_int8(fp32_path: Path, out: Path, samples: np.ndarray) -> None:
         def get_next(self):
             return next(self.batches, None)
 
-    with _quiet():
+    with quiet_exporter():
         quantize_static(str(fp32_path), str(out), Reader(), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+                        activation_type=QuantType.QUInt8 if fast else QuantType.QInt8,
+                        weight_type=QuantType.QInt8, per_channel=fast)
 
 
 def plain_session(path: Path | str, threads: int, library: bool = True) -> ort.InferenceSession:
@@ -204,28 +198,38 @@ def run_bench(ckpt: Checkpoint, data: CalibData, threads: int = 1, rounds: int =
                             ckpt.input.std).numpy()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        fp32_path, int8_path, q_path = tmp / "fp32.onnx", tmp / "int8.onnx", tmp / "q.onnx"
+        fp32_path, q_path = tmp / "fp32.onnx", tmp / "q.onnx"
+        u8s8_path, s8s8_path, int_path = tmp / "u8s8.onnx", tmp / "s8s8.onnx", tmp / "int.onnx"
         log("exporting: float architecture, then qconvert")
         float_seconds = export_float(float_model(ckpt), ckpt.input.shape, fp32_path)
         started = time.perf_counter()
         export_checkpoint(ckpt, q_path)
         export_seconds = time.perf_counter() - started
-        log("calibrating the int8 QDQ baseline")
-        quantize_int8(fp32_path, int8_path, inputs[:256])
-        candidates = []
+        log("calibrating the int8 baselines and qconvert's integer mode")
+        quantize_int8(fp32_path, u8s8_path, inputs[:256])
+        quantize_int8(fp32_path, s8s8_path, inputs[:256], fast=False)
         notes = []
+        try:
+            export_checkpoint(ckpt, int_path, outer_bits=8, integer_calib=inputs[:256])
+        except QConvertError as exc:  # a model integer mode does not rewrite: no row
+            notes.append(f"no integer-mode row: {exc}")
+        candidates = []
         q_bytes = q_path.stat().st_size
         if library_path() is not None:
             candidates += [Candidate(PLAIN, _plain_runner(q_path, threads), q_bytes),
-                           Candidate(SESSION, _ort_runner(q_path, "native", threads), q_bytes)]
+                           Candidate(SESSION, _ort_runner(q_path, "native", threads), q_bytes),
+                           *([Candidate(INTEGER, _plain_runner(int_path, threads),
+                                        int_path.stat().st_size)] if int_path.exists() else [])]
         else:
             notes.append("native library not built (make ops): no plain-load or session row")
         candidates += [
             Candidate(STOCK, _ort_runner(q_path, "function", threads), q_bytes),
             Candidate(FP32, _ort_runner(fp32_path, "function", threads),
                       fp32_path.stat().st_size),
-            Candidate("int8 QDQ (ORT)", _ort_runner(int8_path, "function", threads),
-                      int8_path.stat().st_size),
+            Candidate("int8 U8S8 QDQ (ORT)",
+                      _ort_runner(u8s8_path, "function", threads), u8s8_path.stat().st_size),
+            Candidate("int8 S8S8 QDQ (ORT, unfused)",
+                      _ort_runner(s8s8_path, "function", threads), s8s8_path.stat().st_size),
             Candidate(EAGER, _torch_runner(ckpt.model), None),
         ]
         reference = _torch_runner(ckpt.model)(inputs)

@@ -50,13 +50,19 @@ def _torch_logs_silenced():
         logging.disable(previous)
 
 
-def _torch_export(deploy: torch.nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
-    batch = torch.export.Dim("batch", min=1)
-    # The exporter is chatty (warnings, progress prints, graph dumps on failure); qconvert
-    # shows its own summary and a one-line error.
+@contextlib.contextmanager
+def quiet_exporter():
+    """The exporters are chatty (warnings, progress prints, log lines, graph dumps on
+    failure); qconvert shows its own summary and a one-line error."""
     with (warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()),
           contextlib.redirect_stderr(io.StringIO()), _torch_logs_silenced()):
         warnings.simplefilter("ignore")
+        yield
+
+
+def _torch_export(deploy: torch.nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
+    batch = torch.export.Dim("batch", min=1)
+    with quiet_exporter():
         try:
             program = torch.onnx.export(
                 deploy, (example,), dynamo=True, opset_version=opset,
