@@ -289,6 +289,7 @@ def test_round_trip(key, scheme, tmp_path):
     result = invoke(["validate", path, out, "--synthetic", "16", "--per-layer",
                      "--report", report_path])
     report = json.loads(report_path.read_text())
+    assert result.exit_code == 0, result.output + result.stderr  # the default verdict: PASS
     checked = [layer for layer in report["layers"] if not layer["merged"]]
     assert checked and len(report["layers"]) == len(quantized)
     for layer in report["layers"]:

@@ -135,32 +135,38 @@ class _Encoder(nn.Module):
         return self.head(self.enc(x).mean(1))
 
 
-def test_a_fast_path_that_skips_quantizers_is_refused():
-    """In eval mode without autograd, nn.TransformerEncoderLayer runs a fused kernel that
-    reads its Linear weights directly: the QAT quantizers never run."""
+class _Bypass(nn.Module):
+    """Reads a quantized layer's float weight directly (as nn.MultiheadAttention's fused
+    path reads out_proj): that layer's quantizers never run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(nn.functional.linear(x, self.inner.weight)))
+
+
+def test_a_model_that_skips_quantizers_is_refused_naming_them():
+    torch.manual_seed(0)
+    model = quantize_model(_Bypass(), "lsq", 4, 4)
+    model.train()
+    model(torch.randn(4, 16))
+    with pytest.raises(QConvertError, match=r"did not run 2 of its quantizers \(inner\.") as err:
+        run_checked(model.eval(), torch.randn(2, 16), "the PyTorch model")
+    assert "\n" not in str(err.value) and "head" not in str(err.value)
+
+
+def test_transformer_fast_paths_no_longer_skip_quantizers():
+    """quantize_model splits attention into its projections and turns the fused paths
+    off: in eval mode without autograd every quantizer runs, with the fast path on."""
     torch.manual_seed(0)
     model = quantize_model(_Encoder(), "lsq", 4, 4)
     model.train()
     model(torch.randn(4, 8, 16))
-    model.eval()
-    with pytest.raises(QConvertError, match=r"did not run 6 of its quantizers \(enc\.") as err:
-        run_checked(model, torch.randn(2, 8, 16), "the PyTorch model")
-    assert "\n" not in str(err.value)
-    assert "head" not in str(err.value)
-    with _fastpath_off(), pytest.raises(QConvertError, match=r"did not run 2 of") as err:
-        run_checked(model, torch.randn(2, 8, 16), "the PyTorch model")
-    # Without the fast path only out_proj is left out: attention reads its weight directly.
-    assert "(enc.self_attn.out_proj.act_quant, enc.self_attn.out_proj.weight_quant)" in str(
-        err.value)
-
-
-class _fastpath_off:
-    def __enter__(self):
-        self.was = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
-
-    def __exit__(self, *exc):
-        torch.backends.mha.set_fastpath_enabled(self.was)
+    assert torch.backends.mha.get_fastpath_enabled()
+    run_checked(model.eval(), torch.randn(2, 8, 16), "the PyTorch model")
 
 
 def test_call_counter_counts_each_quantizer():
