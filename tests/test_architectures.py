@@ -255,6 +255,13 @@ def trained(family: Family, scheme: str, steps: int = 2, **options) -> nn.Module
         opt.zero_grad()
         loss.backward()
         opt.step()
+    with torch.no_grad():  # BatchNorm statistics of the trained weights, as training leaves
+        for module in model.modules():  # them: after two steps they would still be the init
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.reset_running_stats()
+                module.momentum = None  # a plain average over the batches below
+        for _ in range(4):
+            model(family.batch(16, gen))
     return model.eval()
 
 
