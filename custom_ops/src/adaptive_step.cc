@@ -23,12 +23,7 @@ class AdaptiveStepKernel : public KernelBase {
       ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
 
   AdaptiveStepKernel(const OrtKernelInfo* info, NodeRef ref) : KernelBase(std::move(ref)) {
-    const int64_t bits = IntAttr(info, this->ref(), "bits");
-    const int64_t is_signed = IntAttr(info, this->ref(), "signed");
-    CheckAttrRange(this->ref(), "bits", bits, 2, 8);
-    CheckAttrRange(this->ref(), "signed", is_signed, 0, 1);
-    lo_ = is_signed ? -float(1 << (bits - 1)) : 0.0f;
-    hi_ = is_signed ? float((1 << (bits - 1)) - 1) : float((1 << bits) - 1);
+    range_ = ReadCodeRange(info, this->ref());
     constexpr auto kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
     auto step = ConstantInput(info, this->ref(), 1, "step", kF32);
     if (step) CheckStep(step->count);
@@ -68,7 +63,7 @@ class AdaptiveStepKernel : public KernelBase {
            float* y, size_t count, size_t N) const {
     if (count == 0) return;
     const size_t inner = count / N;
-    const float lo = lo_, hi = hi_;
+    const float lo = range_.lo, hi = range_.hi;
     const StepQuantLoop loop = PickStepQuantLoop();
     ForChunks(&ctx, count, [&](size_t begin, size_t end) {
       // A chunk may span several samples: one call per sample segment.
@@ -96,8 +91,7 @@ class AdaptiveStepKernel : public KernelBase {
     }
   }
 
-  float lo_ = 0.0f;
-  float hi_ = 0.0f;
+  CodeRange range_;
   bool constant_ = false;  // step and beta are initializers
   float const_step_ = 0.0f;
   std::vector<float> const_beta_;

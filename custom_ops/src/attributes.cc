@@ -48,4 +48,13 @@ int64_t CheckOutputShape(const NodeRef& ref, const std::vector<int64_t>& shape) 
   return n;
 }
 
+CodeRange ReadCodeRange(const OrtKernelInfo* info, const NodeRef& ref) {
+  const int64_t bits = IntAttr(info, ref, "bits");
+  const int64_t is_signed = IntAttr(info, ref, "signed");
+  CheckAttrRange(ref, "bits", bits, 2, 8);
+  CheckAttrRange(ref, "signed", is_signed, 0, 1);
+  if (is_signed) return {-float(1 << (bits - 1)), float((1 << (bits - 1)) - 1)};
+  return {0.0f, float((1 << bits) - 1)};
+}
+
 }  // namespace qconvert

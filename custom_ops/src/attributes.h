@@ -16,6 +16,14 @@ std::vector<int64_t> IntsAttr(const OrtKernelInfo* info, const NodeRef& ref, con
 
 void CheckAttrRange(const NodeRef& ref, const char* name, int64_t value, int64_t lo, int64_t hi);
 
+// The code range of the activation quantizers' `bits` (2..8) and `signed` (0 or 1)
+// attributes: [-2^(bits-1), 2^(bits-1) - 1] signed, [0, 2^bits - 1] unsigned.
+struct CodeRange {
+  float lo = 0.0f;
+  float hi = 0.0f;
+};
+CodeRange ReadCodeRange(const OrtKernelInfo* info, const NodeRef& ref);
+
 // Largest element count accepted for an output built from attributes: keeps
 // `n * bits` and byte counts far from overflow.
 constexpr int64_t kMaxElements = int64_t{1} << 48;

@@ -21,12 +21,7 @@ class UniformQuantKernel : public KernelBase {
       ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
 
   UniformQuantKernel(const OrtKernelInfo* info, NodeRef ref) : KernelBase(std::move(ref)) {
-    const int64_t bits = IntAttr(info, this->ref(), "bits");
-    const int64_t is_signed = IntAttr(info, this->ref(), "signed");
-    CheckAttrRange(this->ref(), "bits", bits, 2, 8);
-    CheckAttrRange(this->ref(), "signed", is_signed, 0, 1);
-    lo_ = is_signed ? -float(1 << (bits - 1)) : 0.0f;
-    hi_ = is_signed ? float((1 << (bits - 1)) - 1) : float((1 << bits) - 1);
+    range_ = ReadCodeRange(info, this->ref());
     auto step = ConstantInput(info, this->ref(), 1, "step", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
     if (step) {
       // A constant step is checked once; a run then reads X only.
@@ -55,7 +50,7 @@ class UniformQuantKernel : public KernelBase {
  private:
   void Run(const Ort::KernelContext& ctx, float step, const float* x, float* y,
            size_t count) const {
-    const float lo = lo_, hi = hi_;
+    const float lo = range_.lo, hi = range_.hi;
     const StepQuantLoop loop = PickStepQuantLoop();
     ForChunks(&ctx, count, [&](size_t begin, size_t end) {
       loop(step, lo, hi, x + begin, y + begin, end - begin);
@@ -66,8 +61,7 @@ class UniformQuantKernel : public KernelBase {
     if (count != 1) ref().Fail("step has " + std::to_string(count) + " elements, expected 1");
   }
 
-  float lo_ = 0.0f;
-  float hi_ = 0.0f;
+  CodeRange range_;
   bool constant_ = false;  // step is an initializer
   float const_step_ = 0.0f;
 };
