@@ -26,7 +26,7 @@ from qconvert.export.weight_decode import DECODE_DOMAIN
 from qconvert.ops import DOMAIN
 from qconvert.quant import QUANTIZED_LAYERS, quantize_model
 
-from .conftest import invoke
+from .conftest import assert_one_line_error, invoke
 
 MODULE = "tests.test_architectures"
 VOCAB, TOKENS = 50, 12
@@ -446,3 +446,10 @@ def test_integer_calibration_file_validates_a_token_model(tmp_path):
     result = invoke(["validate", path, out, "--calib", calib])
     assert "samples 20" in result.output and "top-1 agreement 100.00%" in result.output, (
         result.output + result.stderr)
+
+
+def test_integer_mode_refuses_a_1d_convolution_in_one_line(tmp_path):
+    family = FAMILIES["audio"]
+    path = save(tmp_path, family, trained(family, "lcq"))
+    result = invoke(["export", path, "--out", tmp_path / "int.onnx", "--mode", "integer"])
+    assert "1-D Conv" in assert_one_line_error(result)

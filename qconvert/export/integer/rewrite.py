@@ -393,9 +393,10 @@ def _to_integer(model: onnx.ModelProto, outer_bits: int, wide_act_step: str,
     finals: dict[str, str] = {}
     for record in man.layers:
         node = by_name[record.compute_node]
-        if node.op_type not in ("Conv", "Gemm"):
-            raise QConvertError(f"layer {record.name}: integer mode rewrites Conv and Gemm "
-                                f"layers, not {node.op_type}; keep the exact mode")
+        kind = f"{len(record.weight.shape) - 2}-D Conv" if node.op_type == "Conv" else node.op_type
+        if kind not in ("2-D Conv", "Gemm"):
+            raise QConvertError(f"layer {record.name}: integer mode rewrites 2-D Conv and Gemm "
+                                f"layers, not {kind}; keep the exact mode")
         layers[record.name], needed, finals[record.name] = _rewrite_layer(
             g, record, node, outer, acts, wide_act_step)
         requants.extend(needed)
