@@ -177,17 +177,19 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _read_payload(path: Path, allow_pickle: bool) -> object:
+def read_torch_file(path: Path, pickled_fix: str, foreign_fix: str,
+                    allow_pickle: bool = False) -> object:
+    """``torch.load`` (tensors and plain data only unless ``allow_pickle``), every failure a
+    one-line error; ``pickled_fix`` / ``foreign_fix`` say what to do about a file holding
+    pickled objects / one torch cannot read as a checkpoint."""
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as exc:
-        if not allow_pickle and "weights_only" in str(exc):
-            raise QConvertError(
-                f"{path}: holds pickled Python objects, which run code when loaded; "
-                "re-save it with qconvert.save_checkpoint, or pass --allow-pickle if you "
-                "trust it") from exc
-        raise QConvertError(f"{path}: not a PyTorch checkpoint ({exc.__class__.__name__}); "
-                            "give a file written by qconvert.save_checkpoint") from exc
+        if not allow_pickle and ("weights_only" in str(exc) or "Weights only" in str(exc)):
+            raise QConvertError(f"{path}: holds pickled Python objects, which run code when "
+                                f"loaded; {pickled_fix}") from exc
+        raise QConvertError(f"{path}: not a PyTorch checkpoint ({type(exc).__name__}); "
+                            f"{foreign_fix}") from exc
     except Exception as exc:  # torch.load raises many types on foreign or broken files
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise QConvertError(
@@ -201,7 +203,9 @@ def load_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise QConvertError(f"{path}: no such checkpoint file")
-    payload = _read_payload(path, allow_pickle)
+    payload = read_torch_file(
+        path, "re-save it with qconvert.save_checkpoint, or pass --allow-pickle if you trust it",
+        "give a file written by qconvert.save_checkpoint", allow_pickle)
     if isinstance(payload, nn.Module):
         return _from_pickled_module(path, payload)
     if not isinstance(payload, Mapping) or payload.get("format") != FORMAT_NAME:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint import read_torch_file
 from ..errors import QConvertError
 
 DATA_PARALLEL_PREFIX = "module."
@@ -42,21 +42,9 @@ def load_source(path: Path) -> object:
     """``torch.load`` with ``weights_only``: tensors and plain data only, never code."""
     if not path.is_file():
         raise QConvertError(f"{path}: no such checkpoint file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Weights only" in str(exc):
-            raise QConvertError(
-                f"{path}: holds pickled Python objects, which run code when loaded; import "
-                "reads tensors and plain data only: save the dict with a state_dict, not a "
-                "module") from exc
-        raise QConvertError(f"{path}: not a PyTorch checkpoint ({type(exc).__name__}); "
-                            "give the file the training script saved") from exc
-    except Exception as exc:  # torch.load raises many types on foreign or broken files
-        text = str(exc).strip()
-        first = text.splitlines()[0] if text else type(exc).__name__
-        raise QConvertError(f"{path}: not a readable PyTorch checkpoint ({first}); check the "
-                            "file is complete and was written by torch.save") from exc
+    return read_torch_file(
+        path, "import reads tensors and plain data only: save the dict with a state_dict, "
+        "not a module", "give the file the training script saved")
 
 
 def strip_data_parallel(path: Path, state: Mapping[str, object]) -> dict[str, object]:

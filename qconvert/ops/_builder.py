@@ -70,6 +70,15 @@ class FunctionBuilder:
         return self.node("And", self.node("GreaterOrEqual", bits, self.const(low, np.int64)),
                          self.node("LessOrEqual", bits, self.const(high, np.int64)))
 
+    def code_range(self, bits: str, signed: str) -> tuple[str, str]:
+        """(lo, hi) as float scalars: [-2^(b-1), 2^(b-1) - 1] signed, [0, 2^b - 1] unsigned."""
+        span = self.node("Pow", self.const(2, np.int64), self.node("Sub", bits, signed))
+        hi = self.node("Cast", self.node("Sub", span, self.const(1, np.int64)),
+                       to=onnx.TensorProto.FLOAT)
+        lo = self.node("Cast", self.node("Neg", self.node("Mul", span, signed)),
+                       to=onnx.TensorProto.FLOAT)
+        return lo, hi
+
     def equal(self, a: str, b: str) -> str:
         return self.node("Equal", a, b)
 

@@ -51,10 +51,7 @@ def reference(x, step, beta, *, bits: int, signed: int) -> np.ndarray:
 def function(opset: int) -> onnx.FunctionProto:
     fb = FunctionBuilder(NAME, INPUTS, ATTRIBUTES)
     bits, signed = fb.attr("bits"), fb.attr("signed")
-    two = fb.const(2, np.int64)
-    span = fb.node("Pow", two, fb.node("Sub", bits, signed))  # 2^(b-1) signed, 2^b unsigned
-    hi = fb.node("Cast", fb.node("Sub", span, fb.const(1, np.int64)), to=onnx.TensorProto.FLOAT)
-    lo = fb.node("Cast", fb.node("Neg", fb.node("Mul", span, signed)), to=onnx.TensorProto.FLOAT)
+    lo, hi = fb.code_range(bits, signed)
     rank = fb.node("Size", fb.node("Shape", "X"))
     trailing = fb.node("Reshape", fb.node("Sub", rank, fb.const(1, np.int64)),
                        fb.const([1], np.int64))

@@ -40,9 +40,7 @@ def function(opset: int) -> onnx.FunctionProto:
     """The standard-op chain PyTorch's LSQ computes: Div, Round, Clip, Mul."""
     fb = FunctionBuilder(NAME, INPUTS, ATTRIBUTES)
     bits, signed = fb.attr("bits"), fb.attr("signed")
-    span = fb.node("Pow", fb.const(2, np.int64), fb.node("Sub", bits, signed))
-    hi = fb.node("Cast", fb.node("Sub", span, fb.const(1, np.int64)), to=onnx.TensorProto.FLOAT)
-    lo = fb.node("Cast", fb.node("Neg", fb.node("Mul", span, signed)), to=onnx.TensorProto.FLOAT)
+    lo, hi = fb.code_range(bits, signed)
     step = fb.require("step", fb.bits_in(bits, 2, 8), fb.bits_in(signed, 0, 1),
                       fb.equal(fb.node("Size", "step"), fb.const(1, np.int64)))
     q = fb.node("Clip", fb.node("Round", fb.node("Div", "X", step)), lo, hi)
