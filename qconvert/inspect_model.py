@@ -71,31 +71,44 @@ def _initializer_bytes(init: onnx.TensorProto) -> int:
     return numpy_helper.to_array(init).nbytes
 
 
-def _compute_shapes(model: onnx.ModelProto, nodes: list[onnx.NodeProto],
+def _compute_shapes(model: onnx.ModelProto, values: dict[str, int],
                     input_shape: list[int]) -> dict[str, tuple[int, ...]]:
-    """Output shapes of the given compute nodes for one sample, from one run on zeros."""
+    """Shapes of the named values (name -> ONNX element type) for one sample, from one run
+    on zeros."""
     from .runtime import session  # local: sizes need no runtime, only MACs do
 
     existing = {o.name for o in model.graph.output}
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    probe.graph.output.extend(
-        onnx.helper.make_tensor_value_info(
-            n.output[0], onnx.TensorProto.INT32 if n.op_type in INTEGER_OPS
-            else onnx.TensorProto.FLOAT, None)
-        for n in nodes if n.output[0] not in existing)
-    outputs = [n.output[0] for n in nodes]
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(name, elem_type, None)
+                              for name, elem_type in values.items()
+                              if name not in existing and name != INPUT_NAME)
+    names = [name for name in values if name != INPUT_NAME]
     dtype = onnx.helper.tensor_dtype_to_np_dtype(model.graph.input[0].type.tensor_type.elem_type)
-    values = session(probe, announce=None).run(
-        {INPUT_NAME: np.zeros((1, *input_shape), dtype)}, outputs)
-    return {name: tuple(v.shape) for name, v in zip(outputs, values, strict=True)}
+    arrays = session(probe, announce=None).run(
+        {INPUT_NAME: np.zeros((1, *input_shape), dtype)}, names)
+    shapes = {name: tuple(v.shape) for name, v in zip(names, arrays, strict=True)}
+    return shapes | {INPUT_NAME: (1, *input_shape)}
 
 
-def _macs(op_type: str, out_shape: tuple[int, ...], weight_shape: list[int]) -> int:
-    op = INTEGER_OPS.get(op_type, op_type)
-    if op == "Conv":  # out elements x (Cin / groups) x kH x kW
-        return math.prod(out_shape[1:]) * math.prod(weight_shape[1:])
-    return math.prod(out_shape[1:]) * weight_shape[-1 if op == "MatMul" else 1]
+def _macs_values(node: onnx.NodeProto) -> dict[str, int]:
+    """The values whose shapes give a compute node's MACs: its output, and for a
+    ConvTranspose its input (each input element meets Cout/groups x kernel weights)."""
+    if node.op_type == "ConvTranspose":
+        return {node.input[0]: onnx.TensorProto.FLOAT}
+    return {node.output[0]: onnx.TensorProto.INT32 if node.op_type in INTEGER_OPS
+            else onnx.TensorProto.FLOAT}
+
+
+def _macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]],
+          weight_shape: list[int]) -> int:
+    """MACs per sample. Conv: output elements x (Cin / groups) x kernel; ConvTranspose
+    (weight [Cin, Cout / groups, *kernel]): input elements x (Cout / groups) x kernel."""
+    op = INTEGER_OPS.get(node.op_type, node.op_type)
+    if op in ("Conv", "ConvTranspose"):
+        value = node.input[0] if op == "ConvTranspose" else node.output[0]
+        return math.prod(shapes[value][1:]) * math.prod(weight_shape[1:])
+    return math.prod(shapes[node.output[0]][1:]) * weight_shape[-1 if op == "MatMul" else 1]
 
 
 def _storage(man: Manifest, inits: dict[str, onnx.TensorProto]) -> list[LayerStorage]:
@@ -161,12 +174,12 @@ def _count_macs(model: onnx.ModelProto, man: Manifest, layers: list[LayerStorage
     In integer mode every quantized layer's MACs are integer (u8 x s8) MACs."""
     by_name = {n.name: n for n in model.graph.node}
     nodes = [by_name[r.compute_node] for r in man.layers] + adapter_nodes
-    shapes = _compute_shapes(model, nodes, man.input_shape)
+    shapes = _compute_shapes(model, {name: elem for n in nodes
+                                     for name, elem in _macs_values(n).items()},
+                             man.input_shape)
     for record, layer in zip(man.layers, layers, strict=True):
-        node = by_name[record.compute_node]
-        layer.macs = _macs(node.op_type, shapes[node.output[0]], record.weight.shape)
-    adapter = sum(_macs(n.op_type, shapes[n.output[0]], list(inits[n.input[1]].dims))
-                  for n in adapter_nodes)
+        layer.macs = _macs(by_name[record.compute_node], shapes, record.weight.shape)
+    adapter = sum(_macs(n, shapes, list(inits[n.input[1]].dims)) for n in adapter_nodes)
     return sum(layer.macs for layer in layers) + adapter, adapter
 
 

@@ -4,6 +4,7 @@ against independent counts on the ONNX graph and the PyTorch model."""
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 
 import pytest
@@ -16,15 +17,19 @@ from .conftest import ALL_KEYS, assert_one_line_error, invoke, quantized_layers
 
 
 def torch_macs(model: nn.Module, shape) -> tuple[int, int]:
-    """(all MACs, adapter MACs) per sample, from forward hooks on every Conv2d / Linear."""
+    """(all MACs, adapter MACs) per sample, from forward hooks on every convolution
+    (1-D, 2-D, transposed) and Linear."""
     adapters = {id(m) for q in model.modules() if isinstance(q, ASQQuantizer)
                 for m in q.adapter.modules()}
     totals = {"all": 0, "adapter": 0}
 
     def hook(module, inputs, output):
-        if isinstance(module, nn.Conv2d):
-            kh, kw = module.kernel_size
-            macs = output[0].numel() * (module.in_channels // module.groups) * kh * kw
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):  # each input element
+            macs = inputs[0][0].numel() * (module.out_channels // module.groups) * math.prod(
+                module.kernel_size)
+        elif isinstance(module, nn.modules.conv._ConvNd):  # each output element
+            macs = output[0].numel() * (module.in_channels // module.groups) * math.prod(
+                module.kernel_size)
         else:
             macs = output[0].numel() * module.in_features
         totals["all"] += macs
@@ -32,7 +37,7 @@ def torch_macs(model: nn.Module, shape) -> tuple[int, int]:
             totals["adapter"] += macs
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, nn.Conv2d | nn.Linear)]
+               if isinstance(m, nn.modules.conv._ConvNd | nn.Linear)]
     try:
         with torch.no_grad():
             model(torch.zeros(1, *shape))
@@ -137,3 +142,19 @@ def test_inspect_not_onnx(tmp_path):
     path = tmp_path / "junk.onnx"
     path.write_bytes(b"\xff\xfe not protobuf" * 5)
     assert_one_line_error(invoke(["inspect", path]))
+
+
+@pytest.mark.parametrize("key", ["autoencoder", "audio"])
+def test_macs_of_transposed_and_1d_convolutions(key, tmp_path):
+    """A transposed convolution's MACs follow its input, not its output (which would count
+    stride^2 times too many); 1-D convolutions count their one kernel dimension."""
+    from .test_architectures import FAMILIES, save, trained
+
+    family = FAMILIES[key]
+    model = trained(family, "lsq")
+    out = tmp_path / "model.onnx"
+    assert invoke(["export", save(tmp_path, family, model), "--out", out]).exit_code == 0
+    result = invoke(["inspect", "--json", out])
+    assert result.exit_code == 0, result.output
+    macs, _ = torch_macs(model, family.shape)
+    assert json.loads(result.stdout)["macs"] == macs
