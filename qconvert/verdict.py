@@ -10,9 +10,9 @@ PASS needs every check below; ``docs/validation.md`` justifies the constants.
   top-1 on at most top1_slack(N) more samples than PyTorch float32 does.
 - ``referee_pixels`` (each dense class map, segmentation): the same rule over pixels: at
   most top1_slack(pixels) more per-pixel argmax disagreements than PyTorch float32.
-- ``referee_boxes`` (detection): after the same decoding, unmatched detections against
-  the referee's <= MEAN_FACTOR x the most of any PyTorch float32 evaluation +
-  top1_slack(referee detections).
+- ``referee_boxes`` (detection): after the same decoding, the same rule over detections:
+  at most top1_slack(referee detections) more detections unmatched with the referee's
+  than PyTorch float32.
 - ``finite``: no NaN / Inf output.
 - User thresholds when given: ``min_agreement`` (top-1 agreement ONNX vs PyTorch),
   ``max_abs_diff``, ``max_rel_diff`` (x max |output|).
@@ -97,17 +97,18 @@ def _class_checks(out: OutputReport, report: Report) -> list[dict]:
 
 
 def _box_check(found: dict[str, dict]) -> dict:
-    """Unmatched detections against the referee's. Unlike a top-1 flip, a box changes with
-    every level flip upstream (NMS keeps another of two overlapping boxes, a score crosses
-    the threshold), so the count scales with the distance to the referee like mean |diff|
-    does, and gets the same factor over the float32 envelope."""
+    """Unmatched detections against the referee's (both directions): ONNX may have
+    top1_slack(referee detections) more than the PyTorch float32 evaluation with most. No
+    factor as for mean |diff|: the count saturates (two float32 orders of a chaotic network
+    land within 20 % of each other, docs/validation.md), so a factor would let anything
+    pass."""
     onnx_boxes = found["onnx"]
     most = max(d["unmatched"] for key, d in found.items() if key.startswith("torch"))
-    allowed = MEAN_FACTOR * most + top1_slack(onnx_boxes["reference"])
-    return _check("referee_boxes", onnx_boxes["unmatched"] <= allowed,
+    slack = top1_slack(onnx_boxes["reference"])
+    return _check("referee_boxes", onnx_boxes["unmatched"] <= most + slack,
                   f"detections unmatched with the referee's {onnx_boxes['reference']} "
                   f"(same class, IoU >= 0.5): ONNX {onnx_boxes['unmatched']}, PyTorch fp32 up "
-                  f"to {most} (allowed {allowed:g})")
+                  f"to {most} (allowed {slack} more)")
 
 
 def _user_checks(report: Report, min_agreement: float | None, max_abs_diff: float | None,
