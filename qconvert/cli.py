@@ -323,16 +323,17 @@ def _pct(v) -> str:
 
 
 def _print_report(r, echo=click.echo) -> None:
-    echo(f"samples {r.samples}  outputs {r.output_shapes}  top-1 agreement "
-         f"{_pct(r.top1_agreement)}  top-5 agreement {_pct(r.top5_agreement)}")
+    agreement = ("" if r.top1_agreement is None else f"  top-1 agreement "
+                 f"{_pct(r.top1_agreement)}  top-5 agreement {_pct(r.top5_agreement)}")
+    echo(f"samples {r.samples}  outputs {r.output_shapes}{agreement}")
     sqnr = "exact" if r.sqnr_db is None else f"{r.sqnr_db:.1f} dB"
     echo(f"ONNX vs PyTorch fp32: max |diff| {r.max_abs_diff:.3g}  mean |diff| "
          f"{r.mean_abs_diff:.3g}  SQNR {sqnr}  NaN samples {r.nan_samples}")
     for key, d in r.referee.items():
         label = key.replace("torch", "PyTorch fp32").replace("onnx", "ONNX")
+        top1 = "" if d.top1_agreement is None else f"  top-1 {_pct(d.top1_agreement)}"
         echo(f"{label + ' vs float64 referee:':<56} max |diff| {d.max_abs_diff:.3g}  mean "
-             f"|diff| {d.mean_abs_diff:.3g}  SQNR {_db(d.sqnr_db)} dB  top-1 "
-             f"{_pct(d.top1_agreement)}")
+             f"|diff| {d.mean_abs_diff:.3g}  SQNR {_db(d.sqnr_db)} dB{top1}")
     if len(r.outputs) > 1 or r.task != "classification":
         _print_outputs(r, echo)
     for key, found in r.detection.items():
