@@ -162,7 +162,7 @@ def detect(cls_levels: Sequence[torch.Tensor], box_levels: Sequence[torch.Tensor
     Dropping boxes under ``min_size`` (torchvision's Faster R-CNN does, its RetinaNet does
     not) removes boxes clipped to a line outside the image: they cover nothing, and with
     no area their IoU with anything is 0, so no two models could ever agree on them."""
-    _check_levels(cls_levels, box_levels, spec)
+    check_levels(cls_levels, box_levels, spec)
     anchors = [level_anchors(image_hw, tuple(c.shape[-2:]), spec.anchor_sizes[i],
                              spec.aspect_ratios) for i, c in enumerate(cls_levels)]
     found = []
@@ -180,7 +180,9 @@ def detect(cls_levels: Sequence[torch.Tensor], box_levels: Sequence[torch.Tensor
     return found
 
 
-def _check_levels(cls_levels, box_levels, spec: DecodeSpec) -> None:
+def check_levels(cls_levels: Sequence[torch.Tensor], box_levels: Sequence[torch.Tensor],
+                 spec: DecodeSpec) -> None:
+    """Refuse level outputs the decoding cannot read, naming the level and shapes."""
     if len(cls_levels) > len(spec.anchor_sizes):
         raise QConvertError(f"{len(cls_levels)} output levels but anchor sizes for "
                             f"{len(spec.anchor_sizes)}; give the model an anchor_sizes "

@@ -409,6 +409,7 @@ def validate(
     variant_rows: dict[str, list[np.ndarray]] = {}
     shapes: list[list[int]] = []
     names: list[str] = []
+    kinds: list[str] = []
     try:
         for x in _batches(data, ckpt, batch_size):
             structured = run_checked(ckpt.model, x, "the PyTorch model")
@@ -423,7 +424,10 @@ def validate(
                 raise QConvertError(f"the ONNX model has {len(onnx_out)} outputs, the PyTorch "
                                     f"model {len(torch_out)} ({', '.join(names)}); re-export "
                                     "it from this checkpoint")
-            shapes = [list(o.shape[1:]) for o in torch_out]
+            if not shapes:  # the first batch: refuse a task no output fits before the rest
+                shapes = [list(o.shape[1:]) for o in torch_out]
+                task = task or getattr(ckpt.model, "qconvert_task", None) or task_of(shapes)
+                kinds = _checked_kinds(ckpt, shapes, names, task)
             torch_rows.append(per_sample(torch_out, len(x)))
             onnx_rows.append(per_sample(onnx_out, len(x)))
             if twin is not None:
@@ -434,8 +438,6 @@ def validate(
         if watch is not None:
             watch.close()
     t, o = np.concatenate(torch_rows), np.concatenate(onnx_rows)
-    task = task or getattr(ckpt.model, "qconvert_task", None) or task_of(shapes)
-    kinds = output_kinds(shapes, names, task)
     classes = kinds == [CLASS_LOGITS]
     report = _summary(t, o, data.y, session.runtime, classes)
     report.output_shapes, report.task = shapes, task
@@ -517,6 +519,21 @@ def output_kinds(shapes: list[list[int]], names: list[str], task: str) -> list[s
         shown = ", ".join(f"{n} {[-1, *s]}" for n, s in zip(names, shapes, strict=True))
         raise QConvertError(f"--task {task} needs an output of shape {form} (classes > 1); "
                             f"this model returns {shown}; pick another --task")
+    return kinds
+
+
+def _checked_kinds(ckpt: Checkpoint, shapes: list[list[int]], names: list[str],
+                   task: str) -> list[str]:
+    """``output_kinds``; for detection also the structure and level shapes the decoding
+    needs (errors name what is missing)."""
+    kinds = output_kinds(shapes, names, task)
+    if task == "detection":
+        if len(ckpt.input.shape) != 3:
+            raise QConvertError(f"--task detection needs image inputs [C, H, W]; this "
+                                f"checkpoint's input is {list(ckpt.input.shape)}")
+        cls_levels, box_levels = detection.split_levels(
+            names, [torch.empty(1, *shape) for shape in shapes])
+        detection.check_levels(cls_levels, box_levels, decode_spec(ckpt.model, len(cls_levels)))
     return kinds
 
 
@@ -605,11 +622,8 @@ def _detect(rows: np.ndarray, shapes, names, image_hw, spec) -> list[detection.D
 def _detection(ckpt, shapes, names, t, o, r, variants) -> dict[str, dict]:
     """Box-level agreement after decoding each model's raw outputs the same way (float64):
     PyTorch float32 (both evaluations) and ONNX against the referee, ONNX against PyTorch."""
-    if len(ckpt.input.shape) != 3:
-        raise QConvertError(f"--task detection needs image inputs [C, H, W]; this "
-                            f"checkpoint's input is {list(ckpt.input.shape)}")
-    levels = sum(1 for n in names if n.startswith(("['cls_logits']", "[0]")))
-    spec = decode_spec(ckpt.model, levels)
+    levels, _ = detection.split_levels(names, [torch.empty(0)] * len(names))
+    spec = decode_spec(ckpt.model, len(levels))
     image_hw = tuple(ckpt.input.shape[1:])
     found = {"torch": _detect(t, shapes, names, image_hw, spec),
              "onnx": _detect(o, shapes, names, image_hw, spec)}

@@ -72,9 +72,10 @@ def exported(tmp_path_factory):
     return get
 
 
-def _validate(ckpt, model, tmp_path):
+def _validate(ckpt, model, tmp_path, *extra):
     report_path = tmp_path / "r.json"
-    result = invoke(["validate", ckpt, model, "--synthetic", 16, "--report", report_path])
+    result = invoke(["validate", ckpt, model, "--synthetic", 16, "--report", report_path,
+                     *extra])
     assert "Traceback" not in result.output
     return result, json.loads(report_path.read_text())
 
@@ -83,8 +84,9 @@ def _validate(ckpt, model, tmp_path):
 @pytest.mark.parametrize("name", sorted(NETWORKS))
 def test_network_passes_validate_by_default(exported, tmp_path, name, scheme):
     ckpt, model = exported(name, scheme)
-    result, report = _validate(ckpt, model, tmp_path)
+    result, report = _validate(ckpt, model, tmp_path, "--plot", tmp_path / "p.png")
     assert result.exit_code == 0, (result.output, report["diagnosis"])
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     task, check = NETWORKS[name][3], NETWORKS[name][5]
     assert report["task"] == task  # the architecture's qconvert_task
     assert check in {c["name"] for c in report["checks"]}
