@@ -117,13 +117,13 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_thresh: float) -> torch.T
     """Greedy NMS: in descending score order (ties: lower index first), keep a box unless it
     overlaps a kept box by IoU > ``iou_thresh``. Returns the kept indices in that order."""
     order = torch.sort(scores, descending=True, stable=True).indices
-    overlaps = box_iou(boxes[order], boxes[order]) > iou_thresh
+    ranked = boxes[order]
     suppressed = torch.zeros(len(order), dtype=torch.bool)
     keep = []
-    for i in range(len(order)):
+    for i in range(len(order)):  # one row of IoUs per kept box: memory O(boxes)
         if not suppressed[i]:
             keep.append(i)
-            suppressed |= overlaps[i]
+            suppressed |= box_iou(ranked[i:i + 1], ranked)[0] > iou_thresh
     return order[torch.tensor(keep, dtype=torch.int64)]
 
 
