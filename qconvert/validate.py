@@ -182,11 +182,36 @@ def output_names(out) -> list[str]:
     return [name for name, _ in output_leaves(out)]
 
 
+def _batch_major(o: np.ndarray, batch: int) -> bool:
+    return bool(o.ndim) and o.shape[0] == batch
+
+
 def per_sample(outputs: list[np.ndarray], batch: int) -> np.ndarray:
-    """Outputs as one [N, features] matrix (every output flattened per sample)."""
-    rows = [o.reshape(batch, -1) if o.ndim and o.shape[0] == batch
+    """Outputs as one [N, features] matrix (every output flattened per sample; an output
+    without a batch dimension, e.g. a 0-d scalar, is repeated for each sample)."""
+    rows = [o.reshape(batch, -1) if _batch_major(o, batch)
             else np.broadcast_to(o.reshape(1, -1), (batch, o.size)) for o in outputs]
     return np.concatenate(rows, axis=1)
+
+
+def sample_shapes(outputs: list[np.ndarray], batch: int) -> list[list[int]]:
+    """Each output's shape per sample, as ``per_sample`` lays it out."""
+    return [list(o.shape[1:]) if _batch_major(o, batch) else list(o.shape) for o in outputs]
+
+
+def check_same_shapes(outputs: list[np.ndarray], batch: int, want: list[list[int]],
+                      names: list[str], which: str) -> None:
+    """Refuse outputs whose shape per sample is not ``want`` (the PyTorch model's on the
+    first batch): their size depends on the data (masking, NMS), so no per-element
+    comparison exists."""
+    for name, got, expected in zip(names, sample_shapes(outputs, batch), want, strict=True):
+        if got != expected:
+            raise QConvertError(
+                f"{'the output' if name == 'output' else 'output ' + name} has shape {got} "
+                f"per sample in {which}, {expected} in the "
+                "PyTorch model's first batch: its size depends on the data (a boolean mask, "
+                "NMS), which validate cannot compare element by element; export the network "
+                "before that step and run it after the model (docs/tasks.md)")
 
 
 class _Captures:
@@ -414,24 +439,29 @@ def validate(
         for x in _batches(data, ckpt, batch_size):
             structured = run_checked(ckpt.model, x, "the PyTorch model")
             torch_out, names = flat_outputs(structured), output_names(structured)
+            if not shapes:  # the first batch: refuse a task no output fits before the rest
+                shapes = sample_shapes(torch_out, len(x))
+                task = task or getattr(ckpt.model, "qconvert_task", None) or task_of(shapes)
+                kinds = _checked_kinds(ckpt, shapes, names, task)
+            check_same_shapes(torch_out, len(x), shapes, names, "the PyTorch model")
             for name, context in FLOAT32_VARIANTS.items() if referee else ():
                 with context():
-                    variant = run_checked(ckpt.model, x, f"the PyTorch model ({name})")
-                variant_rows.setdefault(name, []).append(
-                    per_sample(flat_outputs(variant), len(x)))
+                    variant = flat_outputs(run_checked(ckpt.model, x,
+                                                       f"the PyTorch model ({name})"))
+                check_same_shapes(variant, len(x), shapes, names, f"the PyTorch model ({name})")
+                variant_rows.setdefault(name, []).append(per_sample(variant, len(x)))
             onnx_out = [np.asarray(o, np.float64) for o in _onnx_outputs(session, x)]
             if len(onnx_out) != len(torch_out):
                 raise QConvertError(f"the ONNX model has {len(onnx_out)} outputs, the PyTorch "
                                     f"model {len(torch_out)} ({', '.join(names)}); re-export "
                                     "it from this checkpoint")
-            if not shapes:  # the first batch: refuse a task no output fits before the rest
-                shapes = [list(o.shape[1:]) for o in torch_out]
-                task = task or getattr(ckpt.model, "qconvert_task", None) or task_of(shapes)
-                kinds = _checked_kinds(ckpt, shapes, names, task)
+            check_same_shapes(onnx_out, len(x), shapes, names, "the ONNX model")
             torch_rows.append(per_sample(torch_out, len(x)))
             onnx_rows.append(per_sample(onnx_out, len(x)))
             if twin is not None:
-                referee_rows.append(per_sample(flat_outputs(run_referee(twin, x)), len(x)))
+                ref_out = flat_outputs(run_referee(twin, x))
+                check_same_shapes(ref_out, len(x), shapes, names, "the float64 referee")
+                referee_rows.append(per_sample(ref_out, len(x)))
             if progress:
                 progress(len(x))
     finally:

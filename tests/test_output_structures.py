@@ -92,6 +92,18 @@ def test_structure_the_exporter_cannot_give_is_refused_in_one_line(tmp_path, str
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_output_of_data_dependent_size_exports_and_is_refused_by_validate(tmp_path):
+    """f[f > 0] exports (torch.export allows data-dependent sizes), but its length changes
+    from batch to batch, so there is nothing to compare element by element."""
+    ckpt = _checkpoint(tmp_path, "masked")
+    model = tmp_path / "m.onnx"
+    assert invoke(["export", ckpt, "--out", model]).exit_code == 0
+    result = invoke(["validate", ckpt, model, "--synthetic", 16, "--batch-size", 8])
+    assert_one_line_error(result)
+    assert "the output has shape [" in result.stderr
+    assert "its size depends on the data" in result.stderr
+
+
 @pytest.mark.parametrize("task, message", [
     ("classification", "--task classification needs an output of shape [N, classes]"),
     ("segmentation", "--task segmentation needs an output of shape [N, classes, H, W]"),
