@@ -146,3 +146,28 @@ def test_class_map_measures_against_a_plain_count():
         ious.append(inter / union)
     assert d.agreement_iou == pytest.approx(sum(ious) / 3)
     assert d.top1_agreement is None  # no class-logit measures on a map
+
+
+@pytest.mark.parametrize("shapes, task, kinds", [
+    ([[10]], None, ["class logits"]),  # [N, C]: classification, inferred
+    ([[1]], None, ["values"]),  # one column is a regression
+    ([[5, 8, 8]], None, ["values"]),  # [N, C, H, W] alone is ambiguous: values
+    ([[5, 8, 8]], "segmentation", ["class map"]),
+    ([[1, 8, 8], [5, 8, 8]], "segmentation", ["values", "class map"]),
+    ([[10], [4, 8, 8]], None, ["class logits", "values"]),
+    ([[10], [4, 8, 8]], "regression", ["values", "values"]),
+    ([[]], None, ["values"]),  # a 0-d scalar
+])
+def test_task_and_output_kinds(shapes, task, kinds):
+    from qconvert.validate import output_kinds, task_of
+
+    task = task or task_of(shapes)
+    assert output_kinds(shapes, [f"[{i}]" for i in range(len(shapes))], task) == kinds
+
+
+def test_unknown_task_is_refused():
+    from qconvert.errors import QConvertError
+    from qconvert.validate import output_kinds
+
+    with pytest.raises(QConvertError, match="unknown task 'boxes'"):
+        output_kinds([[10]], ["output"], "boxes")
