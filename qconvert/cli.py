@@ -230,12 +230,17 @@ def _outer_bits(ckpt, outer_bits: str, calib: Path | None, min_agreement: float)
 @click.option("--strict", is_flag=True,
               help="Fail when the model was exported from a different checkpoint.")
 @click.option("--allow-pickle", is_flag=True, help="See export --help. Runs code from the file.")
+@click.option("--task", type=click.Choice(["classification", "segmentation", "regression",
+                                           "detection"]),
+              help="What the outputs are, for the task measures (default: the model's "
+                   "qconvert_task, else [N, C] outputs are class logits and everything else "
+                   "values; see docs/validation.md).")
 @_errors_to_exit_codes
 def validate(checkpoint: Path, model: Path, calib: Path | None, synthetic: int | None,
              resize: bool, runtime: str | None, batch_size: int, per_layer: bool,
              min_agreement: float | None, max_abs_diff: float | None,
              max_rel_diff: float | None, as_json: bool, report: Path | None,
-             plot: Path | None, strict: bool, allow_pickle: bool) -> None:
+             plot: Path | None, strict: bool, allow_pickle: bool, task: str | None) -> None:
     """Check MODEL against CHECKPOINT and its float64 referee on calibration data.
 
     Exit 0 PASS, 1 parity FAIL, 2 bad input, 3 INCONCLUSIVE (a degenerate comparison),
@@ -270,7 +275,7 @@ def validate(checkpoint: Path, model: Path, calib: Path | None, synthetic: int |
         result = val.validate(ckpt, onnx_model, data,
                               lambda m: session(m, runtime, announce=None),
                               batch_size=batch_size, per_layer=True if per_layer else None,
-                              progress=bar.update)
+                              progress=bar.update, task=task)
     judge(result, min_agreement, max_abs_diff, max_rel_diff)
     _print_report(result, echo)
     if as_json:
@@ -318,16 +323,24 @@ def _pct(v) -> str:
 
 
 def _print_report(r, echo=click.echo) -> None:
-    echo(f"samples {r.samples}  outputs {r.output_shapes}  top-1 agreement "
-         f"{_pct(r.top1_agreement)}  top-5 agreement {_pct(r.top5_agreement)}")
+    agreement = ("" if r.top1_agreement is None else f"  top-1 agreement "
+                 f"{_pct(r.top1_agreement)}  top-5 agreement {_pct(r.top5_agreement)}")
+    echo(f"samples {r.samples}  outputs {r.output_shapes}{agreement}")
     sqnr = "exact" if r.sqnr_db is None else f"{r.sqnr_db:.1f} dB"
     echo(f"ONNX vs PyTorch fp32: max |diff| {r.max_abs_diff:.3g}  mean |diff| "
          f"{r.mean_abs_diff:.3g}  SQNR {sqnr}  NaN samples {r.nan_samples}")
     for key, d in r.referee.items():
         label = key.replace("torch", "PyTorch fp32").replace("onnx", "ONNX")
+        top1 = "" if d.top1_agreement is None else f"  top-1 {_pct(d.top1_agreement)}"
         echo(f"{label + ' vs float64 referee:':<56} max |diff| {d.max_abs_diff:.3g}  mean "
-             f"|diff| {d.mean_abs_diff:.3g}  SQNR {_db(d.sqnr_db)} dB  top-1 "
-             f"{_pct(d.top1_agreement)}")
+             f"|diff| {d.mean_abs_diff:.3g}  SQNR {_db(d.sqnr_db)} dB{top1}")
+    if len(r.outputs) > 1 or r.task != "classification":
+        _print_outputs(r, echo)
+    for key, found in r.detection.items():
+        label = (key.replace("torch", "PyTorch fp32").replace("onnx", "ONNX")
+                 + ("" if key == "onnx vs torch" else " vs float64 referee"))
+        echo(f"boxes, {label + ':':<48} {found['matched']} matched of {found['reference']} "
+             f"reference / {found['detections']} detections, {found['unmatched']} unmatched")
     if r.torch_accuracy is not None:
         echo(f"accuracy: PyTorch {_pct(r.torch_accuracy)}  ONNX {_pct(r.onnx_accuracy)}")
     if r.level_flips:
@@ -340,6 +353,24 @@ def _print_report(r, echo=click.echo) -> None:
         echo(f"{'ok  ' if check['passed'] else 'FAIL'} {check['name']}: {check['detail']}")
     for problem in r.degenerate:
         echo(f"degenerate: {problem}")
+
+
+def _print_outputs(r, echo) -> None:
+    """One line per output: ONNX and PyTorch fp32 against the referee, task measures."""
+    echo(f"task {r.task}; per output (against the float64 referee):")
+    for out in r.outputs:
+        onnx_d, torch_d = out.referee.get("onnx", out.onnx_vs_torch), out.referee.get("torch")
+        line = (f"  {out.name} {out.shape} {out.kind}: mean |diff| ONNX "
+                f"{onnx_d.mean_abs_diff:.3g}")
+        if torch_d is not None:
+            line += f", PyTorch fp32 {torch_d.mean_abs_diff:.3g}"
+        line += f"; SQNR ONNX {_db(onnx_d.sqnr_db)} dB"
+        if onnx_d.top1_agreement is not None:
+            line += f"; top-1 agreement {_pct(onnx_d.top1_agreement)}"
+        if onnx_d.pixel_agreement is not None:
+            line += (f"; pixel agreement {_pct(onnx_d.pixel_agreement)}, agreement IoU "
+                     f"{onnx_d.agreement_iou:.4f}")
+        echo(line)
 
 
 def _print_layers(r, echo) -> None:

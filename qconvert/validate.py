@@ -2,8 +2,11 @@
 
 Three models see the same inputs: the ONNX file exactly as deployed, the PyTorch QAT
 model in float32, and the same QAT model in float64 (the referee, ``referee.py``).
-End to end: each float32 model's distance to the referee and to each other (max / mean
-|diff|, SQNR, top-1 / top-5 agreement for class logits, accuracy with labels).
+End to end, per output of any structure: each float32 model's distance to the referee and
+to each other (max / mean |diff|, SQNR), and the task's own measures where they apply:
+top-1 / top-5 agreement (and accuracy with labels) for class logits, per-pixel argmax
+agreement and agreement IoU for dense class maps, box-level agreement after the standard
+decoding for a detector's raw outputs (``detection.py``), nothing class-based for values.
 Per layer, from a separate pass (hooks and extra graph outputs change what ONNX Runtime
 and PyTorch run, so they never touch the end-to-end figures): a teacher-forced op-level
 check (each quantizer's ONNX nodes run alone on exactly the input PyTorch gave it),
@@ -25,10 +28,11 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from . import manifest
+from . import detection, manifest
 from .calib import CalibData
 from .checkpoint import Checkpoint
 from .errors import QConvertError
+from .export.onnx_export import output_leaves
 from .graph import scope_inputs, with_extra_outputs
 from .manifest import LayerRecord, act_value, out_value
 from .preprocess import prepare_inputs
@@ -37,6 +41,8 @@ from .referee import as_referee_input, float64_twin, quantizers, run_checked, ru
 from .runtime import Session
 
 ProgressFn = Callable[[int], None]
+TASKS = ("classification", "segmentation", "regression", "detection")
+CLASS_LOGITS, CLASS_MAP, VALUES = "class logits", "class map", "values"
 
 
 @contextlib.contextmanager
@@ -73,6 +79,10 @@ class Distance:
     top1_agreement: float | None  # None: the outputs are not class logits
     top5_agreement: float | None
     top1_disagreements: int | None
+    pixel_agreement: float | None = None  # dense class maps: same argmax class per pixel
+    agreement_iou: float | None = None  # mean over classes of IoU of the two argmax maps
+    pixel_disagreements: int | None = None
+    pixels: int | None = None
 
 
 @dataclass
@@ -81,9 +91,10 @@ class OutputReport:
 
     index: int
     shape: list[int]  # per sample
-    kind: str  # "class logits" ([N, C], C > 1) or "values" (maps, regressions, scalars)
+    kind: str  # CLASS_LOGITS ([N, C]), CLASS_MAP ([N, C, H, W], segmentation) or VALUES
     onnx_vs_torch: Distance
     referee: dict[str, Distance] = field(default_factory=dict)
+    name: str = "output"  # its path in the model's output structure, e.g. ['boxes'][2]
 
 
 @dataclass
@@ -122,7 +133,11 @@ class Report:
     torch_accuracy: float | None
     onnx_accuracy: float | None
     output_shapes: list[list[int]] = field(default_factory=list)  # per sample
+    task: str = "classification"  # see TASKS and task_of
     outputs: list[OutputReport] = field(default_factory=list)
+    # --task detection: box-level agreement after decoding, each against the referee's
+    # detections ("torch", "torch (...)", "onnx") and ONNX against PyTorch ("onnx vs torch")
+    detection: dict[str, dict] = field(default_factory=dict)
     referee: dict[str, Distance] = field(default_factory=dict)  # "torch", "onnx"
     integer: bool = False
     zero_quantizers: list[str] = field(default_factory=list)  # all-zero output on the data
@@ -158,17 +173,45 @@ def sqnr_db(signal_energy: float, noise_energy: float) -> float | None:
 
 def flat_outputs(out) -> list[np.ndarray]:
     """A model's outputs (a tensor, or tuples / lists / dicts of them) as float64 arrays,
-    in the order torch.export flattens them (the ONNX output order)."""
-    leaves = torch.utils._pytree.tree_leaves(out)
+    in the order torch.export flattens them (the ONNX output order; None leaves dropped)."""
     return [np.asarray(t.detach().double().numpy() if isinstance(t, torch.Tensor) else t,
-                       np.float64) for t in leaves]
+                       np.float64) for _, t in output_leaves(out)]
+
+
+def output_names(out) -> list[str]:
+    return [name for name, _ in output_leaves(out)]
+
+
+def _batch_major(o: np.ndarray, batch: int) -> bool:
+    return bool(o.ndim) and o.shape[0] == batch
 
 
 def per_sample(outputs: list[np.ndarray], batch: int) -> np.ndarray:
-    """Outputs as one [N, features] matrix (every output flattened per sample)."""
-    rows = [o.reshape(batch, -1) if o.ndim and o.shape[0] == batch
+    """Outputs as one [N, features] matrix (every output flattened per sample; an output
+    without a batch dimension, e.g. a 0-d scalar, is repeated for each sample)."""
+    rows = [o.reshape(batch, -1) if _batch_major(o, batch)
             else np.broadcast_to(o.reshape(1, -1), (batch, o.size)) for o in outputs]
     return np.concatenate(rows, axis=1)
+
+
+def sample_shapes(outputs: list[np.ndarray], batch: int) -> list[list[int]]:
+    """Each output's shape per sample, as ``per_sample`` lays it out."""
+    return [list(o.shape[1:]) if _batch_major(o, batch) else list(o.shape) for o in outputs]
+
+
+def check_same_shapes(outputs: list[np.ndarray], batch: int, want: list[list[int]],
+                      names: list[str], which: str) -> None:
+    """Refuse outputs whose shape per sample is not ``want`` (the PyTorch model's on the
+    first batch): their size depends on the data (masking, NMS), so no per-element
+    comparison exists."""
+    for name, got, expected in zip(names, sample_shapes(outputs, batch), want, strict=True):
+        if got != expected:
+            raise QConvertError(
+                f"{'the output' if name == 'output' else 'output ' + name} has shape {got} "
+                f"per sample in {which}, {expected} in the "
+                "PyTorch model's first batch: its size depends on the data (a boolean mask, "
+                "NMS), which validate cannot compare element by element; export the network "
+                "before that step and run it after the model (docs/tasks.md)")
 
 
 class _Captures:
@@ -373,8 +416,12 @@ def validate(
     per_layer: bool | None = False,
     progress: ProgressFn | None = None,
     referee: bool = True,
+    task: str | None = None,
 ) -> Report:
     """Run the models over ``data``; ``make_session`` builds a session on the chosen runtime.
+
+    ``task`` (one of TASKS) decides the task measures; None: the model's ``qconvert_task``
+    attribute, else inferred from the output shapes (``task_of``).
 
     ``per_layer``: True checks every layer on all of ``data``, None on the first
     ``PER_LAYER_SUBSET`` samples, False not at all. ``referee=False`` skips the float64
@@ -386,43 +433,58 @@ def validate(
     torch_rows, onnx_rows, referee_rows = [], [], []
     variant_rows: dict[str, list[np.ndarray]] = {}
     shapes: list[list[int]] = []
+    names: list[str] = []
+    kinds: list[str] = []
     try:
         for x in _batches(data, ckpt, batch_size):
-            torch_out = flat_outputs(run_checked(ckpt.model, x, "the PyTorch model"))
+            structured = run_checked(ckpt.model, x, "the PyTorch model")
+            torch_out, names = flat_outputs(structured), output_names(structured)
+            if not shapes:  # the first batch: refuse a task no output fits before the rest
+                shapes = sample_shapes(torch_out, len(x))
+                task = task or getattr(ckpt.model, "qconvert_task", None) or task_of(shapes)
+                kinds = _checked_kinds(ckpt, shapes, names, task)
+            check_same_shapes(torch_out, len(x), shapes, names, "the PyTorch model")
             for name, context in FLOAT32_VARIANTS.items() if referee else ():
                 with context():
-                    variant = run_checked(ckpt.model, x, f"the PyTorch model ({name})")
-                variant_rows.setdefault(name, []).append(
-                    per_sample(flat_outputs(variant), len(x)))
+                    variant = flat_outputs(run_checked(ckpt.model, x,
+                                                       f"the PyTorch model ({name})"))
+                check_same_shapes(variant, len(x), shapes, names, f"the PyTorch model ({name})")
+                variant_rows.setdefault(name, []).append(per_sample(variant, len(x)))
             onnx_out = [np.asarray(o, np.float64) for o in _onnx_outputs(session, x)]
             if len(onnx_out) != len(torch_out):
                 raise QConvertError(f"the ONNX model has {len(onnx_out)} outputs, the PyTorch "
-                                    f"model {len(torch_out)}; re-export it")
-            shapes = [list(o.shape[1:]) for o in torch_out]
+                                    f"model {len(torch_out)} ({', '.join(names)}); re-export "
+                                    "it from this checkpoint")
+            check_same_shapes(onnx_out, len(x), shapes, names, "the ONNX model")
             torch_rows.append(per_sample(torch_out, len(x)))
             onnx_rows.append(per_sample(onnx_out, len(x)))
             if twin is not None:
-                referee_rows.append(per_sample(flat_outputs(run_referee(twin, x)), len(x)))
+                ref_out = flat_outputs(run_referee(twin, x))
+                check_same_shapes(ref_out, len(x), shapes, names, "the float64 referee")
+                referee_rows.append(per_sample(ref_out, len(x)))
             if progress:
                 progress(len(x))
     finally:
         if watch is not None:
             watch.close()
     t, o = np.concatenate(torch_rows), np.concatenate(onnx_rows)
-    classes = len(shapes) == 1 and is_class_logits(shapes[0])
+    classes = kinds == [CLASS_LOGITS]
     report = _summary(t, o, data.y, session.runtime, classes)
-    report.output_shapes = shapes
-    report.outputs = _per_output(shapes, t, o, np.concatenate(referee_rows) if referee_rows
-                                 else None, {k: np.concatenate(v) for k, v in variant_rows.items()})
+    report.output_shapes, report.task = shapes, task
+    variants = {k: np.concatenate(v) for k, v in variant_rows.items()}
+    r = np.concatenate(referee_rows) if referee_rows else None
+    report.outputs = _per_output(shapes, names, kinds, t, o, r, variants)
     report.integer = is_integer_model(model)
-    if twin is not None:
-        r = np.concatenate(referee_rows)
-        report.referee = {"torch": distance(t, r, classes)}
-        for name, rows in variant_rows.items():
-            report.referee[f"torch ({name})"] = distance(np.concatenate(rows), r, classes)
-        report.referee["onnx"] = distance(o, r, classes)
+    if r is not None:
+        whole = CLASS_LOGITS if classes else VALUES
+        report.referee = {"torch": distance(t, r, whole)}
+        for name, rows in variants.items():
+            report.referee[f"torch ({name})"] = distance(rows, r, whole)
+        report.referee["onnx"] = distance(o, r, whole)
         report.zero_quantizers = watch.all_zero()
-    report.degenerate = _degenerate(t, report.zero_quantizers)
+    if task == "detection":
+        report.detection = _detection(ckpt, shapes, names, t, o, r, variants)
+    report.degenerate = _degenerate(t, report.zero_quantizers) + _no_detections(report)
     if per_layer is not False:
         limit = None if per_layer else PER_LAYER_SUBSET
         report.layers, report.per_layer_samples = _per_layer(
@@ -463,45 +525,163 @@ def is_class_logits(shape: list[int]) -> bool:
     return len(shape) == 1 and shape[0] > 1
 
 
-def _per_output(shapes, t, o, r, variants) -> list[OutputReport]:
+def is_class_map(shape: list[int]) -> bool:
+    return len(shape) == 3 and shape[0] > 1
+
+
+def task_of(shapes: list[list[int]]) -> str:
+    """The task when the shapes leave no doubt: class logits among the outputs ->
+    classification, else regression. [N, C, H, W] could be class scores or a reconstruction:
+    it is judged as values unless --task segmentation (or the model's qconvert_task) says."""
+    return "classification" if any(is_class_logits(s) for s in shapes) else "regression"
+
+
+def output_kinds(shapes: list[list[int]], names: list[str], task: str) -> list[str]:
+    """What each output holds under ``task``; a task no output fits is an error."""
+    if task not in TASKS:
+        raise QConvertError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+    kinds = [CLASS_LOGITS if is_class_logits(s) and task != "regression"
+             else CLASS_MAP if is_class_map(s) and task == "segmentation" else VALUES
+             for s in shapes]
+    wanted = {"classification": CLASS_LOGITS, "segmentation": CLASS_MAP}.get(task)
+    if wanted and wanted not in kinds:
+        form = "[N, classes]" if wanted == CLASS_LOGITS else "[N, classes, H, W]"
+        shown = ", ".join(f"{n} {[-1, *s]}" for n, s in zip(names, shapes, strict=True))
+        raise QConvertError(f"--task {task} needs an output of shape {form} (classes > 1); "
+                            f"this model returns {shown}; pick another --task")
+    return kinds
+
+
+def _checked_kinds(ckpt: Checkpoint, shapes: list[list[int]], names: list[str],
+                   task: str) -> list[str]:
+    """``output_kinds``; for detection also the structure and level shapes the decoding
+    needs (errors name what is missing)."""
+    kinds = output_kinds(shapes, names, task)
+    if task == "detection":
+        if len(ckpt.input.shape) != 3:
+            raise QConvertError(f"--task detection needs image inputs [C, H, W]; this "
+                                f"checkpoint's input is {list(ckpt.input.shape)}")
+        cls_levels, box_levels = detection.split_levels(
+            names, [torch.empty(1, *shape) for shape in shapes])
+        detection.check_levels(cls_levels, box_levels, decode_spec(ckpt.model, len(cls_levels)))
+    return kinds
+
+
+def _columns(shapes: list[list[int]]) -> list[slice]:
+    """Each output's columns in the per-sample matrices."""
+    cols, start = [], 0
+    for shape in shapes:
+        cols.append(slice(start, start + int(np.prod(shape, dtype=np.int64))))
+        start = cols[-1].stop
+    return cols
+
+
+def _per_output(shapes, names, kinds, t, o, r, variants) -> list[OutputReport]:
     """Split the per-sample matrices back into the model's outputs."""
-    reports, start = [], 0
-    for index, shape in enumerate(shapes):
-        cols = slice(start, start + int(np.prod(shape, dtype=np.int64)))
-        start = cols.stop
-        classes = is_class_logits(shape)
-        out = OutputReport(index, shape, "class logits" if classes else "values",
-                           distance(o[:, cols], t[:, cols], classes))
+    reports = []
+    for index, (shape, cols) in enumerate(zip(shapes, _columns(shapes), strict=True)):
+        kind = kinds[index]
+        out = OutputReport(index, shape, kind, distance(o[:, cols], t[:, cols], kind, shape),
+                           name=names[index])
         if r is not None:
-            out.referee["torch"] = distance(t[:, cols], r[:, cols], classes)
+            out.referee["torch"] = distance(t[:, cols], r[:, cols], kind, shape)
             for name, rows in variants.items():
-                out.referee[f"torch ({name})"] = distance(rows[:, cols], r[:, cols], classes)
-            out.referee["onnx"] = distance(o[:, cols], r[:, cols], classes)
+                out.referee[f"torch ({name})"] = distance(rows[:, cols], r[:, cols], kind,
+                                                          shape)
+            out.referee["onnx"] = distance(o[:, cols], r[:, cols], kind, shape)
         reports.append(out)
     return reports
 
 
-def distance(a: np.ndarray, b: np.ndarray, classes: bool) -> Distance:
+def distance(a: np.ndarray, b: np.ndarray, kind: str = VALUES,
+             shape: list[int] | None = None) -> Distance:
+    """A's distance to B (per-sample matrices), with the measures of the output's kind."""
     finite = np.isfinite(a).all(axis=1) & np.isfinite(b).all(axis=1)
     diff = np.abs(a[finite] - b[finite])
     top1 = top5 = disagreements = None
-    if classes:
+    if kind == CLASS_LOGITS:
         agree1 = (a.argmax(1) == b.argmax(1)) & finite  # a NaN sample never agrees
         top1 = float(agree1.mean())
         top5 = float((np.all(_topk(a, 5) == _topk(b, 5), axis=1) & finite).mean())
         disagreements = int((~agree1).sum())
-    return Distance(
+    found = Distance(
         max_abs_diff=float(diff.max()) if diff.size else 0.0,
         mean_abs_diff=float(diff.mean()) if diff.size else 0.0,
         sqnr_db=sqnr_db(float((b[finite] ** 2).sum()), float((diff ** 2).sum())),
         top1_agreement=top1, top5_agreement=top5, top1_disagreements=disagreements)
+    if kind == CLASS_MAP:
+        _class_map_measures(found, a, b, finite, shape)
+    return found
+
+
+def _class_map_measures(found: Distance, a: np.ndarray, b: np.ndarray, finite: np.ndarray,
+                        shape: list[int]) -> None:
+    """Per-pixel argmax agreement, and the mean over classes (those either map uses) of
+    the IoU between the pixels each map gives that class. A NaN sample's pixels disagree."""
+    classes = shape[0]
+    a_map = a.reshape(len(a), *shape).argmax(1)
+    b_map = b.reshape(len(b), *shape).argmax(1)
+    same = (a_map == b_map) & finite[:, None, None]
+    ious = []
+    for c in range(classes):
+        in_a, in_b = a_map == c, b_map == c
+        union = int((in_a | in_b).sum())
+        if union:
+            ious.append(int((in_a & in_b & same).sum()) / union)
+    found.pixels = int(same.size)
+    found.pixel_disagreements = int((~same).sum())
+    found.pixel_agreement = float(same.mean())
+    found.agreement_iou = float(np.mean(ious)) if ious else 1.0
+
+
+def decode_spec(model: torch.nn.Module, levels: int) -> detection.DecodeSpec:
+    """torchvision RetinaNet's decoding; a model's ``anchor_sizes`` / ``aspect_ratios``
+    attributes override the anchors."""
+    sizes = getattr(model, "anchor_sizes", None) or detection.default_anchor_sizes(levels)
+    ratios = getattr(model, "aspect_ratios", None) or (0.5, 1.0, 2.0)
+    return detection.DecodeSpec(tuple(tuple(s) for s in sizes), tuple(ratios))
+
+
+def _detect(rows: np.ndarray, shapes, names, image_hw, spec) -> list[detection.Detections]:
+    arrays = [torch.from_numpy(np.ascontiguousarray(rows[:, cols])).reshape(len(rows), *shape)
+              for shape, cols in zip(shapes, _columns(shapes), strict=True)]
+    cls_levels, box_levels = detection.split_levels(names, arrays)
+    return detection.detect(cls_levels, box_levels, image_hw, spec)
+
+
+def _detection(ckpt, shapes, names, t, o, r, variants) -> dict[str, dict]:
+    """Box-level agreement after decoding each model's raw outputs the same way (float64):
+    PyTorch float32 (both evaluations) and ONNX against the referee, ONNX against PyTorch."""
+    levels, _ = detection.split_levels(names, [torch.empty(0)] * len(names))
+    spec = decode_spec(ckpt.model, len(levels))
+    image_hw = tuple(ckpt.input.shape[1:])
+    found = {"torch": _detect(t, shapes, names, image_hw, spec),
+             "onnx": _detect(o, shapes, names, image_hw, spec)}
+    result = {"onnx vs torch": detection.agreement(found["torch"], found["onnx"]).to_dict()}
+    if r is None:
+        return result
+    reference = _detect(r, shapes, names, image_hw, spec)
+    result["torch"] = detection.agreement(reference, found["torch"]).to_dict()
+    for name, rows in variants.items():
+        result[f"torch ({name})"] = detection.agreement(
+            reference, _detect(rows, shapes, names, image_hw, spec)).to_dict()
+    result["onnx"] = detection.agreement(reference, found["onnx"]).to_dict()
+    return result
+
+
+def _no_detections(report: Report) -> list[str]:
+    reference = report.detection.get("onnx", {}).get("reference")
+    if reference == 0:
+        return ["the float64 referee detects nothing above the score threshold on this data, "
+                "so box-level agreement cannot show a difference"]
+    return []
 
 
 def _summary(t: np.ndarray, o: np.ndarray, labels: np.ndarray | None, runtime: str,
              classes: bool) -> Report:
     nan_rows = ~(np.isfinite(t).all(axis=1) & np.isfinite(o).all(axis=1))
     finite = ~nan_rows
-    d = distance(o, t, classes)
+    d = distance(o, t, CLASS_LOGITS if classes else VALUES)
     diff = np.abs(t[finite] - o[finite])
     accuracy = labels is not None and classes
     return Report(

@@ -7,9 +7,11 @@ from collections.abc import Callable, Mapping
 
 from torch import nn
 
+from .dense import conv_autoencoder, lraspp_mobilenetv3_small
 from .digits_cnn import DigitsCNN
 from .mobilenetv2 import mobilenetv2_small
 from .resnet import resnet18, resnet20, resnet50
+from .retinanet import retinanet_resnet18_fpn
 from .tv_resnet import tv_resnet18, tv_resnet34
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
@@ -20,6 +22,9 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "resnet50": resnet50,
     "tv_resnet18": tv_resnet18,  # torchvision layout, for imported checkpoints
     "tv_resnet34": tv_resnet34,
+    "lraspp_mobilenetv3_small": lraspp_mobilenetv3_small,  # segmentation, [N, classes, H, W]
+    "conv_autoencoder": conv_autoencoder,  # reconstruction, [N, C, H, W]
+    "retinanet_resnet18_fpn": retinanet_resnet18_fpn,  # detector network part, per level
 }
 
 

@@ -23,6 +23,7 @@ from ..errors import QConvertError
 from ..graph import layer_scope_outputs, scope_nodes
 from ..manifest import INPUT_NAME, OUTPUT_NAME, LayerRecord, Manifest, WeightRecord
 from ..ops import DOMAIN, MAX_OPSET, MIN_OPSET, OPS, functions, translation_table
+from ..quant import quantized_layers
 from .deploy import DeployedLayer, to_deploy
 from .integer import to_integer
 from .weight_decode import fold_constant_decodes, is_weight_decode
@@ -79,6 +80,60 @@ def _torch_export(deploy: torch.nn.Module, example: torch.Tensor, opset: int) ->
     return program.model_proto
 
 
+def output_leaves(out) -> list[tuple[str, object]]:
+    """A model output's leaves in torch.export's order, each with its path (``['boxes'][2]``),
+    without the ``None`` leaves the exporter drops."""
+    flat, _ = torch.utils._pytree.tree_flatten_with_path(out)
+    return [(torch.utils._pytree.keystr(path) or "output", leaf) for path, leaf in flat
+            if leaf is not None]
+
+
+def _structure_problem(out) -> str | None:
+    """Why the exporter cannot give this output structure as ONNX outputs, if it cannot."""
+    leaves = output_leaves(out)
+    if not leaves:
+        return f"the model returns no tensor ({type(out).__name__} {str(out)[:40]})"
+    for path, leaf in leaves:
+        which = "the output" if path == "output" else f"output {path}"
+        if not isinstance(leaf, torch.Tensor):
+            return (f"{which} is a {type(leaf).__name__} ({str(leaf)[:40]}), not a tensor; "
+                    "ONNX outputs are tensors: return it as a tensor or leave it out")
+        if leaf.is_complex():
+            return (f"{which} is complex ({leaf.dtype}), which ONNX Runtime cannot return; "
+                    "return its real and imaginary parts as two tensors")
+    return None
+
+
+def check_exportable(model: torch.nn.Module, example: torch.Tensor) -> None:
+    """Refuse, in one line, what torch.onnx would fail on with a long dump or export wrongly:
+    outputs that are not tensors (nested tuples, lists and dicts of tensors are fine), and
+    a quantized layer that runs more or fewer than once per forward (the manifest records
+    one call of each)."""
+    calls = {name: 0 for name, _ in quantized_layers(model)}
+    handles = [layer.register_forward_hook(
+        lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+        for name, layer in quantized_layers(model)]
+    try:
+        with torch.no_grad():
+            out = model.eval()(example)
+    except Exception as exc:  # user code: name it, in one line
+        detail = " ".join(str(exc).split())[:200]
+        raise QConvertError(f"the model does not run on a batch of its input shape "
+                            f"({type(exc).__name__}: {detail})") from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+    problem = _structure_problem(out)
+    if problem:
+        raise QConvertError(problem)
+    for name, count in calls.items():
+        if count > 1:
+            raise QConvertError(
+                f"quantized layer {name} runs {count} times in one forward (a module shared "
+                "between branches or levels); the export records one call per layer: give "
+                "each call its own module (copy its weights)")
+
+
 def rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:
     for node in graph.node:
         node.input[:] = [new if n == old else n for n in node.input]
@@ -127,6 +182,10 @@ def _layer_record(model: onnx.ModelProto, layer: DeployedLayer,
     """Where the layer's parts sit in the graph: its compute node, its weight decode, the
     nodes of its activation quantizer (without the ASQ adapter, which validation runs
     apart) and its named values."""
+    if "weight" not in values:
+        raise QConvertError(
+            f"quantized layer {layer.name} does not reach any output of the model (the "
+            "exporter dropped it): return a result that depends on it, or remove the layer")
     nodes = scope_nodes(model.graph, layer.name)
     weight = {values["weight"]} | {n.output[0] for n in nodes  # Linear on [N, T, C]: MatMul(x, W^T)
                                    if n.op_type == "Transpose" and n.input[0] == values["weight"]}
@@ -181,8 +240,9 @@ def build_onnx(ckpt: Checkpoint, opset: int = 20, with_functions: bool = True,
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise QConvertError(f"opset {opset} is outside the range the qconvert ops allow "
                             f"({MIN_OPSET}..{MAX_OPSET}); pick one in range with --opset")
-    deploy, layers = to_deploy(ckpt.model, progress=progress)
     example = torch.zeros((2, *ckpt.input.shape), dtype=ckpt.input.torch_dtype)  # ids: 0
+    check_exportable(ckpt.model, example)
+    deploy, layers = to_deploy(ckpt.model, progress=progress)
     model = _torch_export(deploy, example, opset)
     values = _name_layer_values(model, layers)
     for index, node in enumerate(model.graph.node):  # short names, recorded below
