@@ -72,6 +72,6 @@ def _op_run_class(module: ModuleType, domain: str = DOMAIN) -> type[OpRun]:
 REFERENCE_OPS: list[type[OpRun]] = [_op_run_class(m) for m in OPS.values()] + [
     _op_run_class(OPS[name], DECODE_DOMAIN) for name in DECODE_OPS]
 
-__all__ = ["ACTIVATION_OPS", "SAMPLE_REDUCING_OPS", "DECODE_DOMAIN", "DECODE_DOMAIN_VERSION", "DECODE_OPS", "DOMAIN",
+__all__ = ["ACTIVATION_OPS", "DECODE_DOMAIN", "DECODE_DOMAIN_VERSION", "DECODE_OPS", "DOMAIN",
            "DOMAIN_VERSION", "MAX_OPSET", "MIN_OPSET", "OPS", "REFERENCE_OPS",
-           "SUPPORTED_DOMAIN_VERSIONS", "functions", "translation_table"]
+           "SAMPLE_REDUCING_OPS", "SUPPORTED_DOMAIN_VERSIONS", "functions", "translation_table"]
