@@ -9,6 +9,7 @@ from torch import nn
 
 from .digits_cnn import DigitsCNN
 from .mobilenetv2 import mobilenetv2_small
+from .pytorchcv import mobilenetv2, preresnet18, preresnet20_cifar, preresnet34, preresnet56_cifar
 from .resnet import resnet18, resnet20, resnet50
 from .tv_resnet import tv_resnet18, tv_resnet34
 
@@ -20,6 +21,12 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "resnet50": resnet50,
     "tv_resnet18": tv_resnet18,  # torchvision layout, for imported checkpoints
     "tv_resnet34": tv_resnet34,
+    # pytorchcv layouts, for checkpoints of the public LCQ re-implementation
+    "pytorchcv_preresnet20_cifar": preresnet20_cifar,
+    "pytorchcv_preresnet56_cifar": preresnet56_cifar,
+    "pytorchcv_preresnet18": preresnet18,
+    "pytorchcv_preresnet34": preresnet34,
+    "pytorchcv_mobilenetv2": mobilenetv2,
 }
 
 

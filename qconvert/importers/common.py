@@ -22,6 +22,10 @@ class ImportOptions:
     bits: int | None = None
     weights: str | None = None  # asq-post: "lsq" or "post"
     post_base: str | None = None  # asq-post: "2" or "sqrt2"
+    run_params: Path | None = None  # nulsq: the run's <model>.txt
+    first_last_bits: int | None = None  # nulsq: the MinMax first / last layers' width
+    weight_norm: str | None = None  # nulsq: "lwn" or "none"
+    lsq_grad_scale: str | None = None  # nulsq: "LSQ_grad_scale", "10_fac" or "none"
 
 
 @dataclass
