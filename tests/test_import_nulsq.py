@@ -175,7 +175,7 @@ def _one_sample(st: dict, spec: FixtureSpec, x: torch.Tensor) -> torch.Tensor:
 def source_forward(path: Path, spec: FixtureSpec, x: torch.Tensor) -> torch.Tensor:
     """The source's eval logits, one sample at a time (its MinMax takes the batch max)."""
     payload = torch.load(path, weights_only=True)
-    st = payload["state_dict"] if "state_dict" in payload else payload
+    st = payload.get("state_dict", payload)
     st = {k.removeprefix("module."): v for k, v in st.items()}
     with torch.no_grad():
         return torch.cat([_one_sample(st, spec, x[n:n + 1]) for n in range(x.shape[0])])
@@ -274,7 +274,7 @@ def test_export_and_validate_pass(fixtures, key, tmp_path):
 
 def _edited(fixtures, tmp_path: Path, key: str, edit) -> Path:
     payload = torch.load(fixtures[key][0], weights_only=True)
-    edit(payload["state_dict"] if "state_dict" in payload else payload)
+    edit(payload.get("state_dict", payload))
     path = tmp_path / "edited.pth"
     torch.save(payload, path)
     return path
