@@ -404,3 +404,37 @@ def test_refuses_run_files_that_contradict_the_checkpoint(fixtures, tmp_path):
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"\xff\xfe\x00" * 10)
     _refused([str(path), "--run-params", str(binary), "--out", out], "binary.txt")
+
+
+# ---- fixed MinMax ranges ----------------------------------------------------------------
+
+def test_calibrated_minmax_takes_fixed_ranges_from_calib(fixtures, tmp_path):
+    import numpy as np
+
+    from qconvert.quant import LSQQuantizer
+
+    path, run_file = fixtures["cifar20_lcq_4bit_lwn"]
+    images = np.random.default_rng(0).random((6, 3, 32, 32), dtype=np.float32)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=images)
+    out = tmp_path / "fixed.pt"
+    result = run_import([str(path), "--run-params", str(run_file), "--minmax", "calibrated",
+                         "--calib", str(calib), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    ckpt = load_checkpoint(out)
+    first = ckpt.model.features.init_block.act_quant
+    last = ckpt.model.output.act_quant
+    assert isinstance(first, LSQQuantizer) and first.signed and first.bits == 8
+    assert isinstance(last, LSQQuantizer) and not last.signed and last.bits == 8
+    mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2023, 0.1994, 0.2010]).view(1, 3, 1, 1)
+    peak = ((torch.from_numpy(images) - mean) / std).max()
+    assert torch.equal(first.step, (peak / 127).reshape(1))
+    assert ckpt.training["first_last"] == "fixed ranges from calibration data"
+    with torch.no_grad():  # the inner layers are untouched: logits stay close to the source
+        x = _inputs(STANDARD["cifar20_lcq_4bit_lwn"], 2)
+        assert torch.isfinite(ckpt.model.eval()(x)).all()
+    _refused([str(path), "--run-params", str(run_file), "--minmax", "calibrated", "--out",
+              str(tmp_path / "y.pt")], "--minmax calibrated needs --calib")
+    _refused([str(path), "--run-params", str(run_file), "--calib", str(calib), "--out",
+              str(tmp_path / "y.pt")], "--calib is used with --minmax calibrated only")

@@ -26,6 +26,8 @@ class ImportOptions:
     first_last_bits: int | None = None  # nulsq: the MinMax first / last layers' width
     weight_norm: str | None = None  # nulsq: "lwn" or "none"
     lsq_grad_scale: str | None = None  # nulsq: "LSQ_grad_scale", "10_fac" or "none"
+    minmax: str | None = None  # nulsq: "dynamic" (per sample, default) or "calibrated"
+    calib: Path | None = None  # nulsq with minmax "calibrated": the data to take ranges on
 
 
 @dataclass

@@ -512,13 +512,82 @@ def _check_weights(path: Path, model: nn.Module, recipe: Recipe) -> None:
                                     "from the source's; this file cannot be imported exactly")
 
 
+# ---- fixed MinMax ranges (--minmax calibrated) ------------------------------------------
+
+def _minmax_mode(options: ImportOptions) -> str:
+    mode = options.minmax or "dynamic"
+    if mode == "calibrated" and options.calib is None:
+        raise QConvertError("--minmax calibrated needs --calib DATA to take the ranges on")
+    if mode == "dynamic" and options.calib is not None:
+        raise QConvertError("--calib is used with --minmax calibrated only; drop it or add "
+                            "--minmax calibrated")
+    return mode
+
+
+CALIB_BATCH = 64
+
+
+def _calibrated_minmax(path: Path, model: nn.Module, layout: Layout, recipe: Recipe,
+                       options: ImportOptions, mean, std) -> list[str]:
+    """Replace the first and last layers' per-sample quantizers by fixed 8-bit uniform
+    ones: ``m`` = the maximum of the layer's input over all of ``--calib`` (what the
+    source computes for one batch holding that data), step ``m / Q``, clamped to the code
+    range (signed for the first layer, unsigned for the last)."""
+    from ..calib import load_calibration
+    from ..preprocess import prepare_inputs
+    from ..quant import LSQQuantizer
+
+    shape = (layout.kwargs["in_channels"], layout.input_size, layout.input_size)
+    data = load_calibration(options.calib, shape)
+    x = prepare_inputs(data.x, shape, mean, std)
+    names = (layout.first, "output")
+    peaks = {name: torch.tensor(-math.inf) for name in names}
+
+    def hook(name):
+        def record(_module, args):
+            peaks[name] = torch.maximum(peaks[name], args[0].detach().max())
+        return record
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            for start in range(0, x.shape[0], CALIB_BATCH):
+                model(x[start:start + CALIB_BATCH])
+    finally:
+        for handle in handles:
+            handle.remove()
+    notes = []
+    for name in names:
+        first = name == layout.first
+        bits = recipe.first_bits if first else recipe.last_bits
+        top = 2 ** (bits - 1) - 1 if first else 2**bits - 1
+        peak = float(peaks[name])
+        if not (math.isfinite(peak) and peak > 0):
+            raise QConvertError(f"{options.calib}: the input of layer {name} has maximum "
+                                f"{peak:g} over the calibration data; no range fits: give "
+                                "other --calib data or the default per-sample quantizers")
+        layer = model.get_submodule(name)
+        act = LSQQuantizer(bits, signed=first)
+        act.step.data.fill_(float(torch.tensor(peak) / top))
+        act.initialized.fill_(True)
+        layer.act_quant = act
+        layer.layer_spec = LayerSpec(weight=layer.layer_spec.weight,
+                                     act=QuantSpec("lsq", bits, signed=first))
+        model.qconvert_specs[name] = layer.layer_spec
+        notes.append(f"layer {name}: fixed range max {peak:.6g} over {x.shape[0]} "
+                     f"calibration samples, step {float(act.step):.6g}")
+    return notes
+
+
 def _training_record(path: Path, meta: Mapping, recipe: Recipe, layout: Layout,
                      options: ImportOptions, digest: str) -> dict:
     record = {"imported_from": "nulsq", "source_file": path.name, "source_sha256": digest,
               "weights": recipe.weights, "activations": recipe.acts, "bits": recipe.bits,
               "first_bits": recipe.first_bits, "last_bits": recipe.last_bits,
               "weight_norm": "lwn" if recipe.weight_norm else "none",
-              "first_last": "per-sample max (batch size 1)"}
+              "first_last": ("fixed ranges from calibration data"
+                             if _minmax_mode(options) == "calibrated"
+                             else "per-sample max (batch size 1)")}
     if "lsq" in (recipe.weights, recipe.acts):
         record["lsq_grad_scale"] = {"w": recipe.w_grad_scale, "x": recipe.x_grad_scale}
     if options.run_params is not None:
@@ -536,6 +605,7 @@ def import_checkpoint(path: str | Path, options: ImportOptions) -> ImportResult:
     from ..checkpoint import file_sha256
 
     path = Path(path)
+    _minmax_mode(options)
     state, meta = _state_and_meta(path, load_source(path))
     layout = _layout(path, state)
     params = read_run_params(options.run_params) if options.run_params else {}
@@ -555,16 +625,21 @@ def import_checkpoint(path: str | Path, options: ImportOptions) -> ImportResult:
         raise QConvertError(f"{path}: {problem}")
     model.qconvert_scheme = f"nulsq:{recipe.acts}+{recipe.weights}"
     count = len(quantized_layers(model))
+    calibrated = _minmax_mode(options) == "calibrated"
+    first_last = ("fixed ranges from --calib (not the source's per-batch maximum)"
+                  if calibrated else "per sample (the source's batch-size-1 result)")
     notes = [f"{layout.arch} {layout.kwargs}: {count} quantized layers, inner ones at "
              f"{recipe.bits} bits ({recipe.acts.upper()} activations, {recipe.weights.upper()}"
              f" weights{', weight-normalized' if recipe.weight_norm else ''}); first / last "
-             f"layer MinMax at {recipe.first_bits} / {recipe.last_bits} bits, per sample "
-             "(the source's batch-size-1 result)"]
+             f"layer MinMax at {recipe.first_bits} / {recipe.last_bits} bits, {first_last}"]
     mean, std = (CIFAR_MEAN, CIFAR_STD) if layout.cifar else (IMAGENET_MEAN, IMAGENET_STD)
     channels = layout.kwargs["in_channels"]
+    mean, std = (mean, std) if channels == 3 else ((), ())
+    if calibrated:
+        notes += _calibrated_minmax(path, model, layout, recipe, options, mean, std)
     return ImportResult(model=model.eval(), arch=layout.arch, arch_kwargs=layout.kwargs,
                         input_shape=(channels, layout.input_size, layout.input_size),
-                        mean=mean if channels == 3 else (), std=std if channels == 3 else (),
+                        mean=mean, std=std,
                         training=_training_record(path, meta, recipe, layout, options,
                                                   file_sha256(path)),
                         notes=notes)
