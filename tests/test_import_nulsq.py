@@ -141,10 +141,8 @@ def _mobilenet(st: dict, spec: FixtureSpec, x: torch.Tensor) -> torch.Tensor:
         for j in range(_units(st, i + 1)):
             u = f"features.stage{i + 1}.unit{j + 1}"
             stride = 2 if j == 0 and i != 0 else 1
-            h = x
-            if f"{u}.conv1.conv.weight" in st:
-                h = F.relu6(_bn(st, f"{u}.conv1.bn",
-                                _q_layer(st, spec, f"{u}.conv1.conv", h, "inner")))
+            h = F.relu6(_bn(st, f"{u}.conv1.bn", _q_layer(st, spec, f"{u}.conv1.conv", x,
+                                                          "inner")))
             mid = st[f"{u}.conv2.conv.weight"].shape[0]
             h = F.relu6(_bn(st, f"{u}.conv2.bn", _q_layer(
                 st, spec, f"{u}.conv2.conv", h, "inner", stride=stride, padding=1, groups=mid)))

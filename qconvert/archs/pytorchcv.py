@@ -177,22 +177,21 @@ class ConvBlock(nn.Module):
 
 
 class LinearBottleneck(nn.Module):
+    """1x1 expansion (x6, or x1 in the very first unit) -> 3x3 depthwise -> 1x1 linear
+    projection; every unit has all three (pytorchcv's ``mobilenetv2``, not ``mobilenetv2b``)."""
+
     def __init__(self, in_channels: int, out_channels: int, stride: int,
                  expansion: bool) -> None:
         super().__init__()
         self.residual = in_channels == out_channels and stride == 1
         mid = in_channels * 6 if expansion else in_channels
-        self.use_exp_conv = expansion
-        if expansion:
-            self.conv1 = ConvBlock(in_channels, mid, 1, 1, 0)
+        self.conv1 = ConvBlock(in_channels, mid, 1, 1, 0)
         self.conv2 = ConvBlock(mid, mid, 3, stride, 1, groups=mid)
         self.conv3 = ConvBlock(mid, out_channels, 1, 1, 0, relu6=False)
 
     def forward(self, x):
         identity = x
-        if self.use_exp_conv:
-            x = self.conv1(x)
-        x = self.conv3(self.conv2(x))
+        x = self.conv3(self.conv2(self.conv1(x)))
         return x + identity if self.residual else x
 
 
