@@ -322,6 +322,9 @@ REFUSALS = {
     "first-max-zero": ("cifar20_lcq_4bit_lwn", _set("features.init_block.weight",
                                                     -torch.arange(108.0).view(4, 3, 3, 3)),
                        ["features.init_block.weight has maximum 0"]),
+    "huge-declared-width": ("cifar20_lcq_4bit_lwn", _set(
+        "features.init_block.weight", torch.zeros(1).expand(100000, 3, 3, 3)),
+        ["declare width 100000"]),
     "mixed-prefix": ("cifar20_lcq_2bit_lwn_dp", lambda st: st.__setitem__(
         "features.extra", torch.ones(1)), ["some keys start with 'module.'"]),
 }

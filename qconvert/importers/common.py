@@ -100,6 +100,20 @@ def source_tensor(path: Path, state: Mapping[str, object], key: str,
     return value
 
 
+# Bounds on what a source's shapes may declare before a model of that size is built: a
+# tampered file (a stride-0 tensor claims any shape at no storage cost) must not make the
+# import allocate gigabytes.
+SIZE_LIMITS = {"width": 2048, "num_classes": 32768, "in_channels": 64}
+
+
+def check_declared_sizes(path: Path, kwargs: Mapping, hint: str) -> None:
+    """Architecture sizes read from shapes are within :data:`SIZE_LIMITS`."""
+    for key, limit in SIZE_LIMITS.items():
+        if key in kwargs and not 1 <= kwargs[key] <= limit:
+            raise QConvertError(f"{path}: the shapes declare {key} {kwargs[key]}, outside "
+                                f"1..{limit}; {hint}")
+
+
 def plain_number(value: object) -> float | int | None:
     """A saved scalar (Python number or one-element tensor) as a number, else None."""
     if isinstance(value, bool):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from ..quant.minmax import max_scaled
 from .common import (
     ImportOptions,
     ImportResult,
+    check_declared_sizes,
     check_key_sets,
     load_source,
     plain_number,
@@ -71,7 +72,6 @@ class Recipe:
     x_grad_scale: str
     weights: str = ""  # "lcq" / "lsq", from the key layout
     acts: str = ""
-    sources: dict = field(default_factory=dict)  # what came from where, for the record
 
 
 def _state_and_meta(path: Path, payload: object) -> tuple[dict, dict]:
@@ -123,6 +123,7 @@ def _layout(path: Path, state: Mapping) -> Layout:
             raise QConvertError(f"{path}: units per stage {units}: neither PreResNet-20 "
                                 "(3, 3, 3) nor -56 (9, 9, 9); " + LAYOUT_HINT)
         kwargs = {"width": cifar_stem[0], "in_channels": cifar_stem[1], "num_classes": classes}
+        _check_sizes(path, kwargs)
         return Layout(f"pytorchcv_preresnet{depth}_cifar",
                       (f"pytorchcv_preresnet{depth}_cifar10",
                        f"pytorchcv_preresnet{depth}_cifar100"),
@@ -134,6 +135,7 @@ def _layout(path: Path, state: Mapping) -> Layout:
         if units != (1, 2, 3, 7, 4):
             raise QConvertError(f"{path}: units per stage {units}, MobileNetV2 has "
                                 "(1, 2, 3, 7, 4); " + LAYOUT_HINT)
+        _check_sizes(path, {"in_channels": stem[1], "num_classes": classes})
         kwargs = {"width_scale": _mobilenet_width(path, state, stem[1], classes),
                   "in_channels": stem[1], "num_classes": classes}
         return Layout("pytorchcv_mobilenetv2", ("pytorchcv_mobilenetv2",), kwargs,
@@ -144,8 +146,13 @@ def _layout(path: Path, state: Mapping) -> Layout:
                             "neither PreResNet-18 (2, 2, 2, 2) nor -34 (3, 4, 6, 3); "
                             + LAYOUT_HINT)
     kwargs = {"width": stem[0], "in_channels": stem[1], "num_classes": classes}
+    _check_sizes(path, kwargs)
     return Layout(f"pytorchcv_preresnet{depth}", (f"pytorchcv_preresnet{depth}",), kwargs,
                   "features.init_block.conv", 224, False)
+
+
+def _check_sizes(path: Path, kwargs: Mapping) -> None:
+    check_declared_sizes(path, kwargs, LAYOUT_HINT)
 
 
 def _mobilenet_width(path: Path, state: Mapping, in_channels: int, classes: int) -> float:
