@@ -435,6 +435,10 @@ def test_calibrated_minmax_takes_fixed_ranges_from_calib(fixtures, tmp_path):
     with torch.no_grad():  # the inner layers are untouched: logits stay close to the source
         x = _inputs(STANDARD["cifar20_lcq_4bit_lwn"], 2)
         assert torch.isfinite(ckpt.model.eval()(x)).all()
+    result = CliRunner().invoke(main, ["export", str(out), "--out", str(tmp_path / "i.onnx"),
+                                       "--mode", "integer"])
+    assert result.exit_code == 2  # LCQ's mirror / clip have no integer form: refused
+    assert "integer mode does not support CompandQuant's mirror / clip" in result.output
     _refused([str(path), "--run-params", str(run_file), "--minmax", "calibrated", "--out",
               str(tmp_path / "y.pt")], "--minmax calibrated needs --calib")
     _refused([str(path), "--run-params", str(run_file), "--calib", str(calib), "--out",
