@@ -461,7 +461,8 @@ def bench(checkpoint: Path, calib: Path | None, synthetic: int, threads: int, ro
 
 
 @main.command("import")
-@click.option("--from", "source", required=True, type=click.Choice(["asq-post"]),  # = SOURCES
+@click.option("--from", "source", required=True,
+              type=click.Choice(["asq-post", "nulsq"]),  # = importers.SOURCES
               help="The training code that wrote CHECKPOINT.")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
@@ -471,10 +472,26 @@ def bench(checkpoint: Path, calib: Path | None, synthetic: int, threads: int, ro
               help="asq-post: the weight quantizer (the file cannot tell).")
 @click.option("--post-base", type=click.Choice(["2", "sqrt2"]),
               help="asq-post: POST level base (the shipped code uses 2).")
+@click.option("--run-params", type=click.Path(path_type=Path),
+              help="nulsq: the run's <model>.txt (bits, weight_norm, grad-scale modes).")
+@click.option("--first-last-bits", type=int,
+              help="nulsq: bit width of the MinMax first and last layers.")
+@click.option("--weight-norm", type=click.Choice(["lwn", "none"]),
+              help="nulsq: limited weight normalization on (LWN / WN) or off.")
+@click.option("--lsq-grad-scale", type=click.Choice(["LSQ_grad_scale", "10_fac", "none"]),
+              help="nulsq: the LSQ layers' grad_scale_mode (it sets their forward step).")
+@click.option("--minmax", type=click.Choice(["dynamic", "calibrated"]),
+              help="nulsq: MinMax first/last layers per sample (dynamic, the default: the "
+                   "source at batch size 1) or fixed ranges taken on --calib.")
+@click.option("--calib", type=click.Path(path_type=Path),
+              help="nulsq with --minmax calibrated: the data to take the ranges on.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @_errors_to_exit_codes
 def import_command(source: str, checkpoint: Path, out: Path, bits: int | None,
-                   weights: str | None, post_base: str | None, force: bool) -> None:
+                   weights: str | None, post_base: str | None, run_params: Path | None,
+                   first_last_bits: int | None, weight_norm: str | None,
+                   lsq_grad_scale: str | None, minmax: str | None, calib: Path | None,
+                   force: bool) -> None:
     """Convert a CHECKPOINT trained with public QAT code into a qconvert checkpoint."""
     from .checkpoint import save_checkpoint
     from .importers import ImportOptions, import_checkpoint
@@ -483,7 +500,17 @@ def import_command(source: str, checkpoint: Path, out: Path, bits: int | None,
         raise QConvertError(f"{out}: exists; pass --force to overwrite it")
     if not out.parent.is_dir():
         raise QConvertError(f"{out.parent}: no such directory for {out.name}")
-    result = import_checkpoint(source, checkpoint, ImportOptions(bits, weights, post_base))
+    nulsq_only = {"--run-params": run_params, "--first-last-bits": first_last_bits,
+                  "--weight-norm": weight_norm, "--lsq-grad-scale": lsq_grad_scale,
+                  "--minmax": minmax, "--calib": calib}
+    given = {"asq-post": [k for k, v in nulsq_only.items() if v is not None],
+             "nulsq": [k for k, v in {"--weights": weights, "--post-base": post_base}.items()
+                       if v is not None]}[source]
+    if given:
+        raise QConvertError(f"{given[0]} does not apply to --from {source}; drop it")
+    result = import_checkpoint(source, checkpoint, ImportOptions(
+        bits, weights, post_base, run_params, first_last_bits, weight_norm, lsq_grad_scale,
+        minmax, calib))
     save_checkpoint(out, result.model, arch=result.arch, arch_kwargs=result.arch_kwargs,
                     input_shape=result.input_shape, mean=result.mean, std=result.std,
                     training=result.training)

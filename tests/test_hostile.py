@@ -57,9 +57,9 @@ def _drop_function(model: onnx.ModelProto) -> None:
 def _bump_domain_version(model: onnx.ModelProto) -> None:
     for opset in model.opset_import:
         if opset.domain == "qconvert":
-            opset.version = 3
+            opset.version = 4
     for function in model.functions:
-        function.domain = "qconvert.v3"
+        function.domain = "qconvert.v4"
 
 
 def _truncate_levels(model: onnx.ModelProto) -> None:
@@ -77,7 +77,7 @@ def _truncate_codes(model: onnx.ModelProto) -> None:
 
 EDITS = {
     "missing-function-body": (_drop_function, ("function body",)),
-    "wrong-domain-version": (_bump_domain_version, ("version 3",)),
+    "wrong-domain-version": (_bump_domain_version, ("version 4",)),
     "levels-table-too-short": (_truncate_levels, ("levels", "CompandQuant_rejects")),
     "packed-buffer-too-short": (_truncate_codes, ("Gather", "codes")),
 }

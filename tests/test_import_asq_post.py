@@ -327,6 +327,15 @@ def test_refuses_tampered_shape(tmp_path):
                    "(8, 1, 1, 1)")
 
 
+def test_refuses_a_declared_size_no_model_should_allocate(tmp_path):
+    """A stride-0 tensor claims a huge stem width at no storage cost."""
+    saved = _saved()
+    saved["state_dict"]["quant_init_block_convbn.conv.weight"] = torch.zeros(1).expand(
+        100000, 3, 7, 7)
+    assert_refused(*run_import(_write(tmp_path, saved), tmp_path / "o.pt", *POST)[::2],
+                   "declare width 100000")
+
+
 def test_refuses_tampered_dtype(tmp_path):
     saved = _saved()
     key = "layer1.unit1.quant_convbn2.conv.weight"

@@ -65,8 +65,18 @@ def case_compand(rng, big):
     attrs = {"bits": bits, "signed": signed}
     if rng.random() < 0.03:
         del attrs["signed"]
+    for name in ("mirror", "clip"):  # version 3's optional attributes, sometimes out of range
+        if rng.random() < 0.4:
+            attrs[name] = int(maybe(rng, rng.integers(0, 2), rng.choice([-1, 2])))
     valid_alpha = alpha.size == 1 and np.isfinite(alpha[0]) and alpha[0] > 0
     return [x, alpha, slopes, offsets, levels], attrs, valid_alpha
+
+
+def case_sample_max(rng, big):
+    bits = int(maybe(rng, rng.integers(2, 9), rng.choice([0, 1, 9])))
+    signed = int(maybe(rng, rng.integers(0, 2), 3))
+    x = random_floats(rng, maybe(rng, random_shape(rng, big), [], 0.02))
+    return [x], {"bits": bits, "signed": signed}, True
 
 
 def case_adaptive(rng, big):
@@ -136,6 +146,7 @@ BUILDERS = {
     "UniformQuant": case_uniform,
     "LutGather": case_lut,
     "Pow2Shift": case_pow2,
+    "SampleMaxQuant": case_sample_max,
 }
 
 

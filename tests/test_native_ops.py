@@ -29,6 +29,7 @@ INPUT_NAMES = {
     "UniformQuant": ["X", "step"],
     "LutGather": ["codes", "table"],
     "Pow2Shift": ["codes", "alpha"],
+    "SampleMaxQuant": ["X"],
 }
 # Which inputs become initializers in "const" mode: the parameters of the
 # activation ops, everything for the weight-decode ops (their cached path).
@@ -38,6 +39,7 @@ CONST_INPUTS = {
     "UniformQuant": {"step"},
     "LutGather": {"codes", "table"},
     "Pow2Shift": {"codes", "alpha"},
+    "SampleMaxQuant": set(),
 }
 NODE = "node_under_test"
 
@@ -215,6 +217,35 @@ def test_ops_serve_every_supported_domain_version(op, version):
     sess = session(model_bytes(op, case.inputs, case.attrs, domain_version=version))
     actual = sess.run(None, dict(zip(names, case.inputs, strict=True)))[0]
     assert_bits_equal(actual, case.expected)
+
+
+def test_sample_max_quant_needs_domain_version_3():
+    x = np.array([[1.0, -0.5, 0.25]], np.float32)
+    attrs = {"bits": 8, "signed": 1}
+    y = session(model_bytes("SampleMaxQuant", [x], attrs, domain_version=3)).run(
+        None, {"X": x})[0]
+    assert_bits_equal(y, vectors.OPS["SampleMaxQuant"].reference(x, **attrs))
+    with pytest.raises(Exception, match="SampleMaxQuant"):  # noqa: B017
+        session(model_bytes("SampleMaxQuant", [x], attrs, domain_version=2))
+
+
+def test_compand_mirror_and_clip_by_hand():
+    """Identity compressor, 2 bits unsigned (levels 0, 1/3, 2/3, 1 times alpha = 3): the
+    magnitude is quantized and the sign restored (mirror); at |x| >= alpha exactly alpha
+    (clip), where the table's top level here is alpha * 1 anyway, so use a table whose top
+    entry differs from alpha to see the clip."""
+    slopes, offsets = np.ones(1, np.float32), np.zeros(1, np.float32)
+    levels = np.array([0.0, 1.0, 2.0, 2.9], np.float32)  # top entry deliberately not alpha
+    alpha = np.array([3.0], np.float32)
+    x = np.array([[-3.5, -3.0, -1.4, 0.0, 1.6, 2.9, 3.0, 7.0]], np.float32)
+    attrs = {"bits": 2, "signed": 0, "mirror": 1, "clip": 1}
+    y = run_op("CompandQuant", [x, alpha, slopes, offsets, levels], attrs)
+    assert_bits_equal(y, np.array([[-3.0, -3.0, -1.0, 0.0, 2.0, 2.9, 3.0, 3.0]], np.float32))
+    plain = run_op("CompandQuant", [x, alpha, slopes, offsets, levels], {"bits": 2, "signed": 0})
+    assert_bits_equal(plain, np.array([[0, 0, 0, 0, 2.0, 2.9, 2.9, 2.9]], np.float32))
+    with pytest.raises(Exception, match="mirror=1 needs signed=0"):  # noqa: B017
+        run_op("CompandQuant", [x, alpha, slopes, offsets, levels[:2]],
+               {"bits": 2, "signed": 1, "mirror": 1})
 
 
 def test_uniform_quant_needs_domain_version_2():

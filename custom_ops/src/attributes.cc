@@ -13,6 +13,16 @@ int64_t IntAttr(const OrtKernelInfo* info, const NodeRef& ref, const char* name)
   return value;
 }
 
+int64_t OptionalIntAttr(const OrtKernelInfo* info, const char* name, int64_t fallback) {
+  int64_t value = 0;
+  OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &value);
+  if (status != nullptr) {
+    Ort::GetApi().ReleaseStatus(status);
+    return fallback;
+  }
+  return value;
+}
+
 std::vector<int64_t> IntsAttr(const OrtKernelInfo* info, const NodeRef& ref, const char* name) {
   const OrtApi& api = Ort::GetApi();
   size_t size = 0;

@@ -12,6 +12,8 @@ namespace qconvert {
 
 // A required int attribute; missing or of another type is an error.
 int64_t IntAttr(const OrtKernelInfo* info, const NodeRef& ref, const char* name);
+// An optional int attribute: `fallback` when the node does not carry it.
+int64_t OptionalIntAttr(const OrtKernelInfo* info, const char* name, int64_t fallback);
 std::vector<int64_t> IntsAttr(const OrtKernelInfo* info, const NodeRef& ref, const char* name);
 
 void CheckAttrRange(const NodeRef& ref, const char* name, int64_t value, int64_t lo, int64_t hi);

@@ -25,14 +25,17 @@ namespace qconvert {
 namespace {
 
 // The reference loop, one element at a time. Used where AVX2 is missing and
-// for the tail of each chunk.
-template <bool kSigned>
+// for the tail of each chunk. kSymmetric: signed or mirror (the level of |x|,
+// times sign(x)); kClip: a magnitude >= alpha gives exactly alpha.
+template <bool kSymmetric, bool kClip>
 void CompandPortable(const CompandParams& params, const float* x, float* y, size_t n) {
   const CompandParams p = params;  // local copy: y cannot alias it
   for (size_t i = 0; i < n; ++i) {
     const float xv = x[i];
-    float yv = p.levels[LevelIndex(p, kSigned ? std::fabs(xv) : xv)];
-    if (kSigned) {
+    const float m = kSymmetric ? std::fabs(xv) : xv;
+    float yv = p.levels[LevelIndex(p, m)];
+    if (kClip && m >= p.alpha) yv = p.alpha;
+    if (kSymmetric) {
       const float sign = xv > 0.0f ? 1.0f : (xv < 0.0f ? -1.0f : 0.0f);
       yv = yv * sign;
     }
@@ -78,7 +81,7 @@ QC_TARGET_AVX2 inline __m256 Lookup(const VecTable& table, __m256i idx) {
 // The same operations as CompandPortable, eight lanes at a time. The
 // min/max intrinsics return their second operand when either is NaN, which
 // is exactly the ternaries of the portable loop.
-template <bool kSigned>
+template <bool kSigned, bool kClip>
 QC_TARGET_AVX2 void CompandAvx2(const CompandParams& p, const float* x, float* y, size_t n) {
   const __m256 alpha = _mm256_set1_ps(p.alpha);
   const __m256 K = _mm256_set1_ps(p.K);
@@ -107,6 +110,7 @@ QC_TARGET_AVX2 void CompandAvx2(const CompandParams& p, const float* x, float* y
     __m256 jf = _mm256_round_ps(_mm256_mul_ps(f, S), _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC);
     jf = _mm256_min_ps(_mm256_max_ps(jf, zero), S);
     __m256 yv = Lookup(levels, _mm256_cvttps_epi32(jf));
+    if (kClip) yv = _mm256_blendv_ps(yv, alpha, _mm256_cmp_ps(m, alpha, _CMP_GE_OQ));
     if (kSigned) {
       __m256 sign = _mm256_and_ps(_mm256_cmp_ps(xv, zero, _CMP_GT_OQ), one);
       sign = _mm256_blendv_ps(sign, minus_one, _mm256_cmp_ps(xv, zero, _CMP_LT_OQ));
@@ -115,25 +119,34 @@ QC_TARGET_AVX2 void CompandAvx2(const CompandParams& p, const float* x, float* y
     yv = _mm256_blendv_ps(yv, xv, _mm256_cmp_ps(xv, xv, _CMP_UNORD_Q));
     _mm256_storeu_ps(y + i, yv);
   }
-  CompandPortable<kSigned>(p, x + i, y + i, n - i);
+  CompandPortable<kSigned, kClip>(p, x + i, y + i, n - i);
 }
 
 #endif  // QC_HAVE_AVX2
 
-void CompandChunk(bool is_signed, const CompandSteps* steps, const CompandParams& p,
+// `symmetric`: signed or mirror. The step thresholds never serve `clip` (its extra
+// value at alpha is not a level of the table): the callers pass none then.
+void CompandChunk(bool symmetric, bool clip, const CompandSteps* steps, const CompandParams& p,
                   const float* x, float* y, size_t n) {
 #if QC_HAVE_AVX2
   if (UseAvx2()) {
     if (steps != nullptr) {
-      CompandStepsAvx2(is_signed, *steps, x, y, n);
+      CompandStepsAvx2(symmetric, *steps, x, y, n);
+    } else if (clip) {
+      symmetric ? CompandAvx2<true, true>(p, x, y, n) : CompandAvx2<false, true>(p, x, y, n);
     } else {
-      is_signed ? CompandAvx2<true>(p, x, y, n) : CompandAvx2<false>(p, x, y, n);
+      symmetric ? CompandAvx2<true, false>(p, x, y, n) : CompandAvx2<false, false>(p, x, y, n);
     }
     return;
   }
 #endif
   (void)steps;
-  is_signed ? CompandPortable<true>(p, x, y, n) : CompandPortable<false>(p, x, y, n);
+  if (clip) {
+    symmetric ? CompandPortable<true, true>(p, x, y, n) : CompandPortable<false, true>(p, x, y, n);
+  } else {
+    symmetric ? CompandPortable<true, false>(p, x, y, n)
+              : CompandPortable<false, false>(p, x, y, n);
+  }
 }
 
 // Below this many elements the threshold search (about a thousand scalar
@@ -161,7 +174,15 @@ class CompandQuantKernel : public KernelBase {
     const int64_t is_signed = IntAttr(info, this->ref(), "signed");
     CheckAttrRange(this->ref(), "bits", bits_, 2, 8);
     CheckAttrRange(this->ref(), "signed", is_signed, 0, 1);
+    // Version 3's optional attributes; older models do not carry them (0).
+    const int64_t mirror = OptionalIntAttr(info, "mirror", 0);
+    const int64_t clip = OptionalIntAttr(info, "clip", 0);
+    CheckAttrRange(this->ref(), "mirror", mirror, 0, 1);
+    CheckAttrRange(this->ref(), "clip", clip, 0, 1);
+    if (is_signed == 1 && mirror == 1) this->ref().Fail("mirror=1 needs signed=0");
     signed_ = is_signed == 1;
+    symmetric_ = signed_ || mirror == 1;
+    clip_ = clip == 1;
     S_ = signed_ ? (1 << (bits_ - 1)) - 1 : (1 << bits_) - 1;
     PrepareConstantParams(info);
   }
@@ -200,7 +221,7 @@ class CompandQuantKernel : public KernelBase {
 
     // Thresholds per run when the tensor is large enough to repay the search.
     std::optional<CompandSteps> fresh;
-    if (UseAvx2() && x.count >= kStepsMinElements) fresh = FindSteps(p, K);
+    if (UseAvx2() && !clip_ && x.count >= kStepsMinElements) fresh = FindSteps(p, K);
 
     float* y = AllocateOutput(ctx, x.shape);
     Run(ctx, fresh ? &*fresh : nullptr, p, x.f32(), y, x.count);
@@ -209,11 +230,11 @@ class CompandQuantKernel : public KernelBase {
  private:
   void Run(const Ort::KernelContext& ctx, const CompandSteps* steps, const CompandParams& p,
            const float* xs, float* y, size_t n) const {
-    const bool is_signed = signed_;
+    const bool symmetric = symmetric_, clip = clip_;
     ForChunks(
         &ctx, n,
         [&](size_t begin, size_t end) {
-          CompandChunk(is_signed, steps, p, xs + begin, y + begin, end - begin);
+          CompandChunk(symmetric, clip, steps, p, xs + begin, y + begin, end - begin);
         },
         kCompandChunk);
   }
@@ -260,12 +281,14 @@ class CompandQuantKernel : public KernelBase {
     starts_.resize(K);
     const_params_ = MakeParams(alpha->f32()[0], slopes_.data(), offsets_.data(), levels_.data(),
                                K, starts_.data());
-    if (UseAvx2()) steps_ = FindSteps(const_params_, K);
+    if (UseAvx2() && !clip_) steps_ = FindSteps(const_params_, K);
     constant_ = true;
   }
 
   int bits_ = 0;
   bool signed_ = false;
+  bool symmetric_ = false;  // signed, or mirror: levels of |x| times sign(x)
+  bool clip_ = false;       // |x| >= alpha (x >= alpha unsigned) gives exactly alpha
   int S_ = 0;
   bool constant_ = false;  // alpha, slopes, offsets, levels are initializers
   std::vector<float> slopes_, offsets_, levels_, starts_;

@@ -10,5 +10,6 @@ const OrtCustomOp* AdaptiveStepOp();
 const OrtCustomOp* LutGatherOp();
 const OrtCustomOp* Pow2ShiftOp();
 const OrtCustomOp* UniformQuantOp();
+const OrtCustomOp* SampleMaxQuantOp();
 
 }  // namespace qconvert

@@ -17,6 +17,7 @@ OrtCustomOpDomain* QconvertDomain() {
     d.Add(qconvert::LutGatherOp());
     d.Add(qconvert::Pow2ShiftOp());
     d.Add(qconvert::UniformQuantOp());
+    d.Add(qconvert::SampleMaxQuantOp());
     return d;
   }();
   return domain;

@@ -10,6 +10,7 @@ from torch import nn
 from .dense import conv_autoencoder, lraspp_mobilenetv3_small
 from .digits_cnn import DigitsCNN
 from .mobilenetv2 import mobilenetv2_small
+from .pytorchcv import mobilenetv2, preresnet18, preresnet20_cifar, preresnet34, preresnet56_cifar
 from .resnet import resnet18, resnet20, resnet50
 from .retinanet import retinanet_resnet18_fpn
 from .tv_resnet import tv_resnet18, tv_resnet34
@@ -25,6 +26,12 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "lraspp_mobilenetv3_small": lraspp_mobilenetv3_small,  # segmentation, [N, classes, H, W]
     "conv_autoencoder": conv_autoencoder,  # reconstruction, [N, C, H, W]
     "retinanet_resnet18_fpn": retinanet_resnet18_fpn,  # detector network part, per level
+    # pytorchcv layouts, for checkpoints of the public LCQ re-implementation
+    "pytorchcv_preresnet20_cifar": preresnet20_cifar,
+    "pytorchcv_preresnet56_cifar": preresnet56_cifar,
+    "pytorchcv_preresnet18": preresnet18,
+    "pytorchcv_preresnet34": preresnet34,
+    "pytorchcv_mobilenetv2": mobilenetv2,
 }
 
 

@@ -22,6 +22,7 @@ from ..ops import (  # noqa: F401 (registers the torch ops)
     compand_quant,
     lut_gather,
     pow2_shift,
+    sample_max_quant,
     uniform_quant,
 )
 from ..ops.packing import pack_codes
@@ -29,12 +30,14 @@ from ..quant import (
     ASQQuantizer,
     LCQQuantizer,
     LSQQuantizer,
+    MaxScaledWeightQuantizer,
     PowerQuantizer,
     QConv1d,
     QConv2d,
     QConvTranspose2d,
     QLinear,
     Quantizer,
+    SampleMaxQuantizer,
     quantized_layers,
 )
 
@@ -64,10 +67,23 @@ class CompandAct(nn.Module):
         self.register_buffer("offsets", offsets.clone())
         self.register_buffer("levels", q.magnitude_levels().clone())
         self.bits, self.signed = q.bits, int(q.signed)
+        self.mirror, self.clip = int(q.mirror), int(q.clip_exact)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.qconvert.compand_quant(
-            x, self.alpha, self.slopes, self.offsets, self.levels, self.bits, self.signed)
+            x, self.alpha, self.slopes, self.offsets, self.levels, self.bits, self.signed,
+            self.mirror, self.clip)
+
+
+class SampleMaxAct(nn.Module):
+    """Max-scaled activation (each sample's own maximum): one SampleMaxQuant op."""
+
+    def __init__(self, q: SampleMaxQuantizer) -> None:
+        super().__init__()
+        self.bits, self.signed = q.bits, int(q.signed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.qconvert.sample_max_quant(x, self.bits, self.signed)
 
 
 class AdaptiveAct(nn.Module):
@@ -119,6 +135,8 @@ def deploy_activation(q: Quantizer) -> nn.Module:
         return CompandAct(q)
     if isinstance(q, ASQQuantizer):
         return AdaptiveAct(q)
+    if isinstance(q, SampleMaxQuantizer):
+        return SampleMaxAct(q)
     raise QConvertError(f"no deploy form for activation quantizer {type(q).__name__}")
 
 
@@ -129,10 +147,11 @@ def deploy_weight(q: Quantizer, weight: torch.Tensor) -> nn.Module:
     if isinstance(q, PowerQuantizer):
         codes, code_bits = q.shift_codes(index)  # wider than q.bits for 2^b + 1 levels
         return PowerWeight(codes, q.alpha.detach().clone(), code_bits, q.root, w.shape)
-    if isinstance(q, LCQQuantizer):
-        return TableWeight(index, q.levels(w), q.bits, w.shape)
-    if isinstance(q, LSQQuantizer):
-        return TableWeight(index, q.levels(), q.bits, w.shape)
+    if isinstance(q, LCQQuantizer | LSQQuantizer | MaxScaledWeightQuantizer):
+        table = q.levels(w)
+        # LCQ's exact clip can add two levels: codes one bit wider then.
+        bits = max(q.bits, (table.shape[-1] - 1).bit_length())
+        return TableWeight(index, table, bits, w.shape)
     raise QConvertError(f"no deploy form for weight quantizer {type(q).__name__}")
 
 

@@ -22,7 +22,7 @@ from ..checkpoint import Checkpoint
 from ..errors import QConvertError
 from ..graph import layer_scope_outputs, scope_nodes
 from ..manifest import INPUT_NAME, OUTPUT_NAME, LayerRecord, Manifest, WeightRecord
-from ..ops import DOMAIN, MAX_OPSET, MIN_OPSET, OPS, functions, translation_table
+from ..ops import DOMAIN, DOMAIN_VERSION, MAX_OPSET, MIN_OPSET, OPS, functions, translation_table
 from ..quant import quantized_layers
 from .deploy import DeployedLayer, to_deploy
 from .integer import to_integer
@@ -77,7 +77,13 @@ def _torch_export(deploy: torch.nn.Module, example: torch.Tensor, opset: int) ->
                 f"torch.onnx cannot export this model ({type(exc).__name__}: {detail}); "
                 "only static graphs of supported layers export faithfully"
             ) from exc
-    return program.model_proto
+    model = program.model_proto
+    # torch.onnx imports the since-version of the first qconvert node it meets, which can
+    # be older than what later nodes use (CompandQuant's version-3 attributes).
+    for opset_id in model.opset_import:
+        if opset_id.domain == DOMAIN:
+            opset_id.version = DOMAIN_VERSION
+    return model
 
 
 def output_leaves(out) -> list[tuple[str, object]]:

@@ -11,7 +11,7 @@ import importlib
 from .common import ImportOptions, ImportResult
 
 # Source name -> module under qconvert.importers (imported only when used).
-SOURCES: dict[str, str] = {"asq-post": "asq_post"}
+SOURCES: dict[str, str] = {"asq-post": "asq_post", "nulsq": "nulsq"}
 
 
 def import_checkpoint(source: str, path, options: ImportOptions) -> ImportResult:

@@ -28,6 +28,7 @@ from ..quant.checks import first_parameter_problem
 from .common import (
     ImportOptions,
     ImportResult,
+    check_declared_sizes,
     check_key_sets,
     load_source,
     plain_number,
@@ -195,6 +196,7 @@ def _build(path: Path, state: Mapping, recipe: Recipe) -> tuple[nn.Module, dict]
                             " tensor; " + LAYOUT_HINT)
     kwargs = {"in_channels": int(stem.shape[1]), "num_classes": int(head.shape[0]),
               "width": int(stem.shape[0])}
+    check_declared_sizes(path, kwargs, LAYOUT_HINT)
     model = build_architecture(f"tv_resnet{recipe.depth}", kwargs)
     try:
         apply_layer_specs(model, _layer_specs(model, recipe))

@@ -22,6 +22,12 @@ class ImportOptions:
     bits: int | None = None
     weights: str | None = None  # asq-post: "lsq" or "post"
     post_base: str | None = None  # asq-post: "2" or "sqrt2"
+    run_params: Path | None = None  # nulsq: the run's <model>.txt
+    first_last_bits: int | None = None  # nulsq: the MinMax first / last layers' width
+    weight_norm: str | None = None  # nulsq: "lwn" or "none"
+    lsq_grad_scale: str | None = None  # nulsq: "LSQ_grad_scale", "10_fac" or "none"
+    minmax: str | None = None  # nulsq: "dynamic" (per sample, default) or "calibrated"
+    calib: Path | None = None  # nulsq with minmax "calibrated": the data to take ranges on
 
 
 @dataclass
@@ -92,6 +98,20 @@ def source_tensor(path: Path, state: Mapping[str, object], key: str,
     if not torch.isfinite(value).all():
         raise QConvertError(f"{path}: {key} holds NaN or Inf")
     return value
+
+
+# Bounds on what a source's shapes may declare before a model of that size is built: a
+# tampered file (a stride-0 tensor claims any shape at no storage cost) must not make the
+# import allocate gigabytes.
+SIZE_LIMITS = {"width": 2048, "num_classes": 32768, "in_channels": 64}
+
+
+def check_declared_sizes(path: Path, kwargs: Mapping, hint: str) -> None:
+    """Architecture sizes read from shapes are within :data:`SIZE_LIMITS`."""
+    for key, limit in SIZE_LIMITS.items():
+        if key in kwargs and not 1 <= kwargs[key] <= limit:
+            raise QConvertError(f"{path}: the shapes declare {key} {kwargs[key]}, outside "
+                                f"1..{limit}; {hint}")
 
 
 def plain_number(value: object) -> float | int | None:

@@ -8,7 +8,14 @@ from types import ModuleType
 import onnx
 from onnx.reference.op_run import OpRun
 
-from . import adaptive_step, compand_quant, lut_gather, pow2_shift, uniform_quant
+from . import (
+    adaptive_step,
+    compand_quant,
+    lut_gather,
+    pow2_shift,
+    sample_max_quant,
+    uniform_quant,
+)
 from ._builder import (
     DECODE_DOMAIN,
     DECODE_DOMAIN_VERSION,
@@ -21,11 +28,14 @@ from ._builder import (
 )
 
 OPS: dict[str, ModuleType] = {
-    m.NAME: m for m in (uniform_quant, compand_quant, adaptive_step, lut_gather, pow2_shift)
+    m.NAME: m for m in (uniform_quant, compand_quant, adaptive_step, lut_gather, pow2_shift,
+                        sample_max_quant)
 }
 
 # Activation quantizers (elementwise, per-tensor or per-sample parameters) and weight decodes.
 ACTIVATION_OPS = ("UniformQuant", "CompandQuant", "AdaptiveStep")
+# Activation quantizers that reduce over each sample (not elementwise: no layout rewrites).
+SAMPLE_REDUCING_OPS = ("SampleMaxQuant",)
 DECODE_OPS = ("LutGather", "Pow2Shift")
 
 for _module in OPS.values():
@@ -45,9 +55,12 @@ def translation_table() -> dict:
 def _op_run_class(module: ModuleType, domain: str = DOMAIN) -> type[OpRun]:
     """An onnx.reference OpRun that evaluates the op with its numpy reference."""
     attributes = module.ATTRIBUTES
+    defaults = getattr(module, "DEFAULTS", {})
 
     def _run(self, *inputs, **attrs):
-        values = {name: attrs.get(name, getattr(self, name, None)) for name in attributes}
+        values = {name: attrs.get(name, getattr(self, name, defaults.get(name)))
+                  for name in attributes}
+        values = {k: v for k, v in values.items() if v is not None}
         values = {k: list(v) if k == "shape" else int(v) for k, v in values.items()}
         return (module.reference(*inputs, **values),)
 
@@ -61,4 +74,4 @@ REFERENCE_OPS: list[type[OpRun]] = [_op_run_class(m) for m in OPS.values()] + [
 
 __all__ = ["ACTIVATION_OPS", "DECODE_DOMAIN", "DECODE_DOMAIN_VERSION", "DECODE_OPS", "DOMAIN",
            "DOMAIN_VERSION", "MAX_OPSET", "MIN_OPSET", "OPS", "REFERENCE_OPS",
-           "SUPPORTED_DOMAIN_VERSIONS", "functions", "translation_table"]
+           "SAMPLE_REDUCING_OPS", "SUPPORTED_DOMAIN_VERSIONS", "functions", "translation_table"]

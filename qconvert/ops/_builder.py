@@ -8,9 +8,10 @@ import onnxscript
 from onnx import AttributeProto, helper, numpy_helper
 
 DOMAIN = "qconvert"
-# Version 2 added UniformQuant; version-1 models (without it) still load and run.
-DOMAIN_VERSION = 2
-SUPPORTED_DOMAIN_VERSIONS = (1, 2)
+# Version 2 added UniformQuant; version 3 added SampleMaxQuant and CompandQuant's optional
+# mirror / clip attributes. Models of older versions (without them) still load and run.
+DOMAIN_VERSION = 3
+SUPPORTED_DOMAIN_VERSIONS = (1, 2, 3)
 # Weight decodes over constants live in a function-only domain that no runtime registers a
 # kernel for, so ONNX Runtime inlines and folds them at load (qconvert/export/weight_decode.py).
 DECODE_DOMAIN, DECODE_DOMAIN_VERSION = "qconvert.decode", 1
@@ -21,10 +22,12 @@ QCONVERT = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
 class FunctionBuilder:
     """Collects nodes; ``op.Name(*inputs, **attrs)`` style calls return the output name."""
 
-    def __init__(self, name: str, inputs: list[str], attributes: list[str]) -> None:
+    def __init__(self, name: str, inputs: list[str], attributes: list[str],
+                 defaults: dict[str, int] | None = None) -> None:
         self.name = name
         self.inputs = inputs
         self.attributes = attributes
+        self.defaults = dict(defaults or {})  # optional attributes and their values
         self.nodes: list[onnx.NodeProto] = []
         self._count = 0
 
@@ -83,9 +86,12 @@ class FunctionBuilder:
         return self.node("Equal", a, b)
 
     def build(self, outputs: list[str], opset: int) -> onnx.FunctionProto:
+        required = [a for a in self.attributes if a not in self.defaults]
+        optional = [helper.make_attribute(a, v) for a, v in self.defaults.items()]
         return helper.make_function(
             DOMAIN, self.name, self.inputs, outputs, self.nodes,
-            opset_imports=[helper.make_opsetid("", opset)], attributes=self.attributes,
+            opset_imports=[helper.make_opsetid("", opset)], attributes=required,
+            attribute_protos=optional or None,
         )
 
 
@@ -93,7 +99,12 @@ def float_param(name: str, description: str) -> onnx.defs.OpSchema.FormalParamet
     return onnx.defs.OpSchema.FormalParameter(name, "tensor(float)", description)
 
 
-def int_attr(name: str, description: str, kind: str = "int") -> onnx.defs.OpSchema.Attribute:
+def int_attr(name: str, description: str, kind: str = "int",
+             default: int | None = None) -> onnx.defs.OpSchema.Attribute:
+    """A required integer attribute, or an optional one with ``default``."""
+    if default is not None:
+        return onnx.defs.OpSchema.Attribute(name, helper.make_attribute(name, default),
+                                            description)
     attr_type = {"int": onnx.defs.OpSchema.AttrType.INT,
                  "ints": onnx.defs.OpSchema.AttrType.INTS}[kind]
     return onnx.defs.OpSchema.Attribute(name, attr_type, description, required=True)

@@ -45,6 +45,15 @@ def _lcq_tables(theta: np.ndarray, alpha: float, top: int) -> tuple[np.ndarray, 
     return slopes.numpy(), offsets.numpy(), levels.numpy()
 
 
+def _compand_variants(signed: int, bits: int, intervals: int) -> list[tuple[int, int]]:
+    """(mirror, clip) pairs: the plain op everywhere; the version-3 attributes on a spread of
+    widths (mirror only unsigned)."""
+    variants = [(0, 0)]
+    if intervals == 16 and bits in (2, 3, 4, 8):
+        variants += [(0, 1)] + ([] if signed else [(1, 0), (1, 1)])
+    return variants
+
+
 def compand_quant_cases() -> list[VectorCase]:
     rng = np.random.default_rng(1)
     cases = []
@@ -61,9 +70,13 @@ def compand_quant_cases() -> list[VectorCase]:
                                   np.float32)
                 x = np.concatenate([rng.standard_normal(120).astype(np.float32) * a,
                                     ties, -ties, bounds, SPECIAL]).astype(np.float32)
-                cases.append(_case("CompandQuant", f"b{bits}_s{signed}_k{intervals}_a{alpha}",
-                                   [x.reshape(1, -1), np.array([a], np.float32), slopes, offsets,
-                                    levels], {"bits": bits, "signed": signed}))
+                inputs = [x.reshape(1, -1), np.array([a], np.float32), slopes, offsets, levels]
+                for mirror, clip in _compand_variants(signed, bits, intervals):
+                    extra = {"mirror": mirror, "clip": clip}  # explicit: see translate()
+                    tag = f"_m{mirror}c{clip}" if mirror or clip else ""
+                    cases.append(_case("CompandQuant",
+                                       f"b{bits}_s{signed}_k{intervals}_a{alpha}{tag}", inputs,
+                                       {"bits": bits, "signed": signed, **extra}))
     slopes, offsets, levels = _lcq_tables(np.zeros(16, np.float32), 1.0, 15)
     cases.append(_case("CompandQuant", "empty", [np.zeros((0, 3), np.float32),
                         np.array([1.0], np.float32), slopes, offsets, levels],
@@ -153,12 +166,43 @@ def pow2_shift_cases() -> list[VectorCase]:
     return cases
 
 
+def sample_max_quant_cases() -> list[VectorCase]:
+    rng = np.random.default_rng(6)
+    cases = []
+    for bits in range(2, 9):
+        for signed in (0, 1):
+            q = np.float32((1 << (bits - 1)) - 1 if signed else (1 << bits) - 1)
+            m = np.float32(1.7)
+            ties = (np.arange(-q, q, dtype=np.float32) + np.float32(0.5)) / q * m
+            below = np.array([-2 * m, -3.3 * m, m, -m, np.nextafter(m, 0)], np.float32)
+            noise = rng.standard_normal(60).astype(np.float32) * m / 2
+            specials = np.array([0.0, -0.0, 1e-40, -1e-40, 1e-45], np.float32)
+            plain = np.concatenate([ties, below, np.clip(noise, None, m), specials])
+            rows = [plain,
+                    np.concatenate([plain[:-3], [np.nan, 1.0, 2.0]]),  # NaN: whole sample NaN
+                    np.concatenate([plain[:-3], [np.inf, 1.0, 2.0]]),  # max +Inf
+                    -np.abs(plain) - np.float32(0.25),  # negative max
+                    np.concatenate([-np.abs(plain), [np.float32(0)] * 3])[3:],  # max 0
+                    np.concatenate([plain[:-3] * np.float32(1e-30), [-np.inf, 1.0, 2.0]])]
+            x = np.stack([r.astype(np.float32) for r in rows])
+            cases.append(_case("SampleMaxQuant", f"b{bits}_s{signed}", [x],
+                               {"bits": bits, "signed": signed}))
+    cases.append(_case("SampleMaxQuant", "rank4", [
+        rng.standard_normal((3, 4, 5, 6)).astype(np.float32)], {"bits": 8, "signed": 1}))
+    cases.append(_case("SampleMaxQuant", "rank1", [
+        rng.standard_normal(5).astype(np.float32)], {"bits": 8, "signed": 0}))
+    cases.append(_case("SampleMaxQuant", "empty", [np.zeros((0, 4), np.float32)],
+                       {"bits": 8, "signed": 0}))
+    return cases
+
+
 BUILDERS = {
     "UniformQuant": uniform_quant_cases,
     "CompandQuant": compand_quant_cases,
     "AdaptiveStep": adaptive_step_cases,
     "LutGather": lut_gather_cases,
     "Pow2Shift": pow2_shift_cases,
+    "SampleMaxQuant": sample_max_quant_cases,
 }
 
 

@@ -14,6 +14,7 @@ from .layers import (
 )
 from .lcq import LCQQuantizer
 from .lsq import LSQQuantizer
+from .minmax import MaxScaledWeightQuantizer, SampleMaxQuantizer
 from .pot import PowerQuantizer, WidePowerQuantizer
 from .schemes import (
     SCHEMES,
@@ -26,8 +27,9 @@ from .schemes import (
 
 __all__ = [
     "ASQQuantizer", "CoverageReport", "LCQQuantizer", "LSQQuantizer", "LayerCoverage",
-    "LayerSpec", "PowerQuantizer", "QConv1d", "QConv2d", "QConvTranspose2d", "QLinear",
-    "QUANTIZED_LAYERS", "QuantSpec", "Quantizer", "SCHEMES", "SplitMultiheadAttention",
-    "StepAdapter", "WidePowerQuantizer", "apply_layer_specs", "layer_coverage",
-    "quantize_model", "quantized_layers", "scheme_layer_specs", "split_attention",
+    "LayerSpec", "MaxScaledWeightQuantizer", "PowerQuantizer", "QConv1d", "QConv2d",
+    "QConvTranspose2d", "QLinear", "QUANTIZED_LAYERS", "QuantSpec", "Quantizer", "SCHEMES",
+    "SampleMaxQuantizer", "SplitMultiheadAttention", "StepAdapter", "WidePowerQuantizer",
+    "apply_layer_specs", "layer_coverage", "quantize_model", "quantized_layers",
+    "scheme_layer_specs", "split_attention",
 ]

@@ -53,6 +53,12 @@ class LCQQuantizer(Quantizer):
     Signed (weights): ``y = sign(x) alpha f^-1(round(S f(min(|x|/alpha, 1))) / S)``,
     S = 2^(b-1) - 1. Unsigned: v = clamp(x / alpha, 0, 1), S = 2^b - 1.
     Weights use ``W_q = sigma * Q((W - mu) / sigma)`` (the mean is not added back).
+
+    Two options reproduce the public LCQ re-implementation (imported checkpoints):
+    ``mirror`` (unsigned activations only) quantizes ``|x|`` on the unsigned levels and
+    restores the sign; ``clip_exact`` outputs exactly ``+-alpha`` where ``|x| >= alpha``
+    (``x >= alpha`` unsigned) instead of the top level ``alpha f^-1(1)``, which can
+    differ from alpha in the last bits.
     """
 
     def __init__(
@@ -62,11 +68,17 @@ class LCQQuantizer(Quantizer):
         is_weight: bool = False,
         intervals: int = 16,
         normalize: bool = True,
+        mirror: bool = False,
+        clip_exact: bool = False,
     ) -> None:
         super().__init__(bits, signed, is_weight)
         if intervals < 1:
             raise ValueError(f"LCQ needs at least one interval, got {intervals}")
+        if mirror and (is_weight or signed is not False):
+            raise ValueError("LCQ mirror applies to unsigned activation quantizers only")
         self.normalize = normalize and is_weight
+        self.mirror = mirror
+        self.clip_exact = clip_exact
         self.alpha = nn.Parameter(torch.ones(1))
         self.theta = nn.Parameter(torch.zeros(intervals))
 
@@ -86,23 +98,31 @@ class LCQQuantizer(Quantizer):
         data = x if self.signed else x.clamp_min(0)
         self.alpha.copy_(abs_quantile(data, 0.99).clamp_min(1e-6).reshape(1))
 
+    @property
+    def symmetric(self) -> bool:
+        """Levels of |x| times sign(x): signed, or mirrored unsigned."""
+        return self.signed or self.mirror
+
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         x_hat, sigma = self._normalized(x)
         # The reference scales alpha/theta gradients by sqrt(S / N).
         scale = (self.top_code / self.grad_numel(x)) ** 0.5
         alpha = grad_scale(self.alpha, scale)
         slopes, offsets = compressor(grad_scale(self.theta, scale))
+        magnitude = x_hat.abs() if self.symmetric else x_hat
         if self.signed:
-            v = torch.clamp(x_hat.abs() / alpha, max=1)
+            v = torch.clamp(magnitude / alpha, max=1)
         else:
-            v = torch.clamp(x_hat / alpha, 0, 1)
+            v = torch.clamp(magnitude / alpha, 0, 1)
         v_const = v.detach()
         codes = torch.clamp(round_ste(compress(v_const, slopes, offsets) * self.top_code),
                             0, self.top_code)
         # STE for the input; adding (v - v_const), which is exactly 0, gives alpha its -v term.
         q = expand(codes / self.top_code, slopes, offsets) + (v - v_const)
         y = alpha * q
-        if self.signed:
+        if self.clip_exact:
+            y = torch.where(magnitude.detach() >= alpha.detach(), alpha, y)
+        if self.symmetric:
             y = y * torch.sign(x_hat)
         return y if sigma is None else sigma * y
 
@@ -121,9 +141,16 @@ class LCQQuantizer(Quantizer):
     def weight_sigma(self, w: torch.Tensor) -> torch.Tensor | None:
         return self._normalized(w.detach())[1]
 
+    def _clip_is_extra_level(self) -> bool:
+        """With ``clip_exact``, alpha is a value of its own unless the top level equals it."""
+        return self.clip_exact and bool(self.magnitude_levels()[-1] != self.alpha.detach()[0])
+
     def levels(self, w: torch.Tensor | None = None) -> torch.Tensor:
-        """Output values, ascending. Weights need ``w`` for sigma: ``sigma * (+-mag)``."""
+        """Output values, ascending (with an extra clip level, +-alpha sit at the ends).
+        Weights need ``w`` for sigma: ``sigma * (+-mag)``."""
         mags = self.magnitude_levels()
+        if self._clip_is_extra_level():
+            mags = torch.cat([mags, self.alpha.detach().reshape(1)])
         if not self.signed:
             return mags
         signed = torch.cat([-mags.flip(0)[:-1], mags])
@@ -142,4 +169,8 @@ class LCQQuantizer(Quantizer):
             v = torch.clamp(x_hat.abs() / self.alpha, max=1)
             codes = torch.clamp(torch.round(compress(v, slopes, offsets) * self.top_code),
                                 0, self.top_code)
-            return (torch.sign(x_hat) * codes).long() + self.top_code
+            top = self.top_code
+            if self._clip_is_extra_level():  # the clip level +-alpha: codes +-(S + 1)
+                top += 1
+                codes = torch.where(x_hat.abs() >= self.alpha, top, codes)
+            return (torch.sign(x_hat) * codes).long() + top

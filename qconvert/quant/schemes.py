@@ -17,10 +17,12 @@ from .base import Quantizer, check_bits
 from .coverage import layer_coverage, quantized_twin
 from .lcq import LCQQuantizer
 from .lsq import LSQQuantizer
+from .minmax import MaxScaledWeightQuantizer, SampleMaxQuantizer
 from .pot import PowerQuantizer, WidePowerQuantizer
 
-WEIGHT_KINDS = ("lsq", "lcq", "pot", "post", "pot-wide", "post-wide")
-ACT_KINDS = ("lsq", "lcq", "asq")
+# "max-scaled" and "sample-max": the public LCQ code's MinMax layers (imported checkpoints).
+WEIGHT_KINDS = ("lsq", "lcq", "pot", "post", "pot-wide", "post-wide", "max-scaled")
+ACT_KINDS = ("lsq", "lcq", "asq", "sample-max")
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,8 @@ class QuantSpec:
     per_channel: bool = False
     normalize: bool = False
     intervals: int = 16
+    mirror: bool = False  # LCQ activations: unsigned levels on |x|, sign restored
+    clip_exact: bool = False  # LCQ: |x| >= alpha gives exactly alpha
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -73,12 +77,15 @@ SCHEMES: dict[str, Scheme] = {
 def make_weight_quantizer(spec: QuantSpec, out_channels: int) -> Quantizer:
     channels = out_channels if spec.per_channel else 0
     if spec.kind == "lsq":
-        return LSQQuantizer(spec.bits, is_weight=True, channels=channels)
+        return LSQQuantizer(spec.bits, is_weight=True, channels=channels,
+                            normalize=spec.normalize)
     if spec.kind == "lcq":
         if spec.per_channel:
             raise ValueError("LCQ weights are per tensor; per_channel is not supported")
         return LCQQuantizer(spec.bits, is_weight=True, intervals=spec.intervals,
-                            normalize=spec.normalize)
+                            normalize=spec.normalize, clip_exact=spec.clip_exact)
+    if spec.kind == "max-scaled":
+        return MaxScaledWeightQuantizer(spec.bits)
     if spec.kind in ("pot", "post"):
         root = 1 if spec.kind == "pot" else 2
         return PowerQuantizer(spec.bits, root, channels=channels, normalize=spec.normalize)
@@ -93,7 +100,10 @@ def make_act_quantizer(spec: QuantSpec, in_channels: int, feature_axis: int = 1)
     if spec.kind == "lsq":
         return LSQQuantizer(spec.bits, signed=spec.signed)
     if spec.kind == "lcq":
-        return LCQQuantizer(spec.bits, signed=spec.signed, intervals=spec.intervals)
+        return LCQQuantizer(spec.bits, signed=spec.signed, intervals=spec.intervals,
+                            mirror=spec.mirror, clip_exact=spec.clip_exact)
+    if spec.kind == "sample-max":
+        return SampleMaxQuantizer(spec.bits, signed=spec.signed)
     if spec.kind == "asq":
         return ASQQuantizer(spec.bits, in_channels, signed=spec.signed, feature_axis=feature_axis)
     raise ValueError(f"unknown activation quantizer {spec.kind!r}; choose from {ACT_KINDS}")

@@ -134,6 +134,9 @@ def _lcq_act(g: GraphEdit, node: onnx.NodeProto, scope: str, outer: int) -> IntA
     so QuantizeLinear(levels', Δa) is exact."""
     attrs = node_attrs(node)
     bits, signed = int(attrs["bits"]), bool(attrs["signed"])
+    if attrs.get("mirror") or attrs.get("clip"):  # imported nulsq LCQ: not a level table
+        raise QConvertError(f"layer {scope}: integer mode does not support CompandQuant's "
+                            "mirror / clip (imported checkpoints); keep the exact mode")
     levels = g.array(node.input[4]).astype(np.float32)
     qmax = (1 << (outer - 1)) - 1 if signed else (1 << outer) - 1
     top = float(levels[-1])
