@@ -30,7 +30,7 @@ from qconvert.runtime import session
 ROOT = Path(__file__).resolve().parent.parent
 CALIB = ROOT / "models" / "data" / "digits_calib.npz"
 RESNET20 = ROOT / "models" / "checkpoints" / "resnet20-lsq-w4a4.pt"
-FUSED = {"QLinearConv", "QLinearAdd", "QGemm"}
+FUSED = {"QLinearConv", "QLinearAdd", "QGemm", "NhwcMaxPool"}
 # ONNX Runtime's own U8S8 model of these networks, optimised: the input's Quantize and
 # layout Transpose, the pooled output's Dequantize -> ReduceMean -> Quantize before QGemm
 U8S8_EXTRAS = {"QuantizeLinear": 2, "DequantizeLinear": 1, "Transpose": 2, "ReduceMean": 1,
@@ -54,8 +54,11 @@ def _assert_fused_with_ceilings_only(model: onnx.ModelProto, tmp_path: Path) -> 
     assert extras.keys() <= U8S8_EXTRAS.keys(), ops
     assert all(k <= U8S8_EXTRAS[op] for op, k in extras.items()), ops
     producers = {o: n for n in graph.node for o in n.output}
+    readers = {i: n for n in graph.node for i in n.input}
     for clip in (n for n in graph.node if n.op_type == "Clip"):
         source = producers[clip.input[0]].op_type
+        if readers[clip.output[0]].op_type == "ReduceMean":
+            continue  # a ReLU6 in the float head before the classifier
         assert source in FUSED | {"QuantizeLinear", "Clip"}, source  # on uint8 codes
 
 
@@ -118,23 +121,36 @@ def _assert_same_codes(got: np.ndarray, want: np.ndarray) -> None:
     assert (got == want).mean() >= 0.999, (got == want).mean()
 
 
-@pytest.fixture(scope="module")
-def mobilenet(tmp_path_factory):
-    """Random LSQ W4A4 MobileNetV2: its stem's ReLU6 output feeds the first block's
-    quantizer and that block's residual addition."""
+def _random_lsq(arch: str, shape: tuple[int, ...], root: Path):
+    """(exact, integer, inputs) of ``arch`` with random LSQ W4A4 QAT parameters."""
     torch.manual_seed(0)
-    shape = (3, 32, 32)
-    model = quantize_model(build_architecture("mobilenetv2_small", {}), "lsq", 4, 4)
+    model = quantize_model(build_architecture(arch, {}), "lsq", 4, 4)
     model.train()
     with torch.no_grad():
         model(torch.randn(16, *shape))
     model.eval()
-    path = tmp_path_factory.mktemp("mbv2") / "mbv2.pt"
-    qconvert.save_checkpoint(path, model, arch="mobilenetv2_small", arch_kwargs={},
-                             input_shape=shape)
+    path = root / f"{arch}.pt"
+    qconvert.save_checkpoint(path, model, arch=arch, arch_kwargs={}, input_shape=shape)
     exact, _ = build_onnx(qconvert.load_checkpoint(path))
     x = np.random.default_rng(0).standard_normal((32, *shape)).astype(np.float32)
     return exact, to_integer(exact, 8, calib=x, residual="quantized"), x
+
+
+@pytest.fixture(scope="module")
+def mobilenet(tmp_path_factory):
+    """MobileNetV2: its stem's ReLU6 output feeds the first block's quantizer and that
+    block's residual addition."""
+    return _random_lsq("mobilenetv2_small", (3, 32, 32), tmp_path_factory.mktemp("mbv2"))
+
+
+def test_resnet18_pools_uint8_codes(tmp_path):
+    """ResNet-18's stem: Relu -> MaxPool -> (quantizer, residual addition). The codes go
+    through the pool on one grid, so ONNX Runtime pools uint8 (max commutes with rounding)
+    and no float pool, Transpose pair or float addition is left."""
+    _, model, _ = _random_lsq("resnet18", (3, 32, 32), tmp_path)
+    _assert_fused_with_ceilings_only(model, tmp_path)
+    ops = Counter(n.op_type for n in _optimized(model, tmp_path).graph.node)
+    assert ops["NhwcMaxPool"] == 1 and "MaxPool" not in ops, ops
 
 
 def test_mobilenet_has_no_requantization_between_fused_kernels(mobilenet, tmp_path):
