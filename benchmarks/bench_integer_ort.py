@@ -153,7 +153,7 @@ def bench_target(target: str, args, tmp: Path) -> list[dict]:
              "integer_quantized_residual": tmp / "integer_qres.onnx"}
     export_float(float_model(ckpt), tuple(ckpt.input.shape), files["fp32"])
     quantize_u8s8(files["fp32"], files["ort_u8s8"], samples)
-    quantize_int8(files["fp32"], files["ort_s8s8"], samples)
+    quantize_int8(files["fp32"], files["ort_s8s8"], samples, fast=False)
     exact, _ = build_onnx(ckpt)
     onnx.save(exact, str(files["exact"]))
     integer = to_integer(exact, args.bits, calib=samples)
