@@ -4,14 +4,18 @@ against FP32 ONNX of the same float architecture and ONNX Runtime's own quantize
 models of it (U8S8 per-channel, the fast x86 configuration, and the old S8S8 per-tensor).
 
     python benchmarks/bench_integer_ort.py [TARGET ...] [--bits 8] [--batch 1 32]
-        [--rounds 15] [--threads 1] [--markdown]
+        [--rounds 15] [--threads 1] [--markdown] [--ceiling-cost]
 
 TARGET: a checkpoint path, or resnet18 / mobilenetv2 / resnet20 for a 224x224 (resnet20:
 32x32) model with random LSQ W4A4 QAT parameters (``--scheme`` picks another). Default:
 resnet18, resnet20, mobilenetv2. All candidates of one target run in one process, one
 thread each, and the timing rounds interleave them (A, B, C, A, B, C, ...); each latency is
 the median over the rounds, each ratio is to FP32 in the same rounds. The machine is shared:
-the script prints the load average before and after.
+the script prints the load average before and after; ``--clock cpu`` times this thread's CPU
+time instead of wall time (one thread: ONNX Runtime computes in the calling thread), which
+leaves out the time other processes hold the core. ``--ceiling-cost`` adds the integer file
+with its uint8 ceiling Clips removed: not the QAT model any more (codes above 2^b - 1 pass),
+only a measurement of what the ceilings cost.
 """
 
 from __future__ import annotations
@@ -64,6 +68,28 @@ def plain_session(path: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def without_ceilings(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with every Clip on uint8 codes dropped (its readers take its input)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    uint8 = {i.name for i in out.graph.initializer if i.data_type == onnx.TensorProto.UINT8}
+    rename = {n.output[0]: n.input[0] for n in out.graph.node
+              if n.op_type == "Clip" and len(n.input) == 3 and set(n.input[1:]) <= uint8}
+    kept = [n for n in out.graph.node if n.output[0] not in rename]
+    for node in kept:
+        for k, name in enumerate(node.input):
+            while name in rename:
+                name = rename[name]
+            node.input[k] = name
+    del out.graph.node[:]
+    out.graph.node.extend(kept)
+    read = {i for n in kept for i in n.input}
+    inits = [i for i in out.graph.initializer if i.name in read]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(inits)
+    return out
+
+
 def random_checkpoint(name: str, scheme: str, path: Path):
     arch, kwargs, shape = RANDOM[name]
     torch.manual_seed(0)
@@ -77,18 +103,35 @@ def random_checkpoint(name: str, scheme: str, path: Path):
     return load_checkpoint(path)
 
 
+def repeats_for(session: ort.InferenceSession, x: np.ndarray, clock,
+                least: float = 0.005) -> int:
+    """Runs per timed sample so that one sample lasts at least ``least`` seconds: a single
+    0.3 ms run is at the mercy of the scheduler on a loaded machine."""
+    session.run(None, {"input": x})
+    spent = []
+    for _ in range(5):
+        started = clock()
+        session.run(None, {"input": x})
+        spent.append(clock() - started)
+    return max(1, int(np.ceil(least / min(spent))))
+
+
 def interleaved(sessions: dict[str, ort.InferenceSession], x: np.ndarray,
-                rounds: int) -> dict[str, list[float]]:
-    """Per candidate, one timed run per round after an untimed one, candidates interleaved."""
+                rounds: int, repeats: int = 1, clock=time.perf_counter) -> dict[str, list[float]]:
+    """Per candidate and round, the mean of ``repeats`` timed runs after an untimed one,
+    candidates interleaved. ``clock=time.thread_time``: the CPU time of this thread, which
+    with one intra-op thread is where ONNX Runtime computes, so time spent descheduled by
+    other processes on a loaded machine is left out."""
     times: dict[str, list[float]] = {k: [] for k in sessions}
     for s in sessions.values():
         s.run(None, {"input": x})
     for _ in range(rounds):
         for name, s in sessions.items():
             s.run(None, {"input": x})
-            started = time.perf_counter()
-            s.run(None, {"input": x})
-            times[name].append(time.perf_counter() - started)
+            started = clock()
+            for _ in range(repeats):
+                s.run(None, {"input": x})
+            times[name].append((clock() - started) / repeats)
     return times
 
 
@@ -106,10 +149,11 @@ def bench_target(target: str, args, tmp: Path) -> list[dict]:
         label = Path(target).stem
     files = {"fp32": tmp / "fp32.onnx", "ort_u8s8": tmp / "u8s8.onnx",
              "ort_s8s8": tmp / "s8s8.onnx", "exact": tmp / "exact.onnx",
-             "integer": tmp / "integer.onnx", "integer_float_residual": tmp / "integer_fres.onnx"}
+             "integer": tmp / "integer.onnx", "integer_float_residual": tmp / "integer_fres.onnx",
+             "integer_quantized_residual": tmp / "integer_qres.onnx"}
     export_float(float_model(ckpt), tuple(ckpt.input.shape), files["fp32"])
     quantize_u8s8(files["fp32"], files["ort_u8s8"], samples)
-    quantize_int8(files["fp32"], files["ort_s8s8"], samples)
+    quantize_int8(files["fp32"], files["ort_s8s8"], samples, fast=False)
     exact, _ = build_onnx(ckpt)
     onnx.save(exact, str(files["exact"]))
     integer = to_integer(exact, args.bits, calib=samples)
@@ -117,24 +161,38 @@ def bench_target(target: str, args, tmp: Path) -> list[dict]:
     print(f"== {label}: {integer_summary(integer)}", flush=True)
     float_residual = to_integer(exact, args.bits, calib=samples, residual="float")
     onnx.save(float_residual, str(files["integer_float_residual"]))
+    onnx.save(to_integer(exact, args.bits, calib=samples, residual="quantized"),
+              str(files["integer_quantized_residual"]))
+    if args.ceiling_cost:
+        files["integer_no_ceiling"] = tmp / "integer_no_ceiling.onnx"
+        onnx.save(without_ceilings(integer), str(files["integer_no_ceiling"]))
     sessions = {k: plain_session(p, args.threads) for k, p in files.items()}
     rows = []
     for batch in args.batch:
         x = np.ascontiguousarray(np.resize(samples, (batch, *samples.shape[1:])))
         rounds = args.rounds if batch == 1 else max(3, args.rounds // 3)
         load = os.getloadavg()[0]
-        times = interleaved(sessions, x, rounds)
+        clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+        repeats = args.repeats or repeats_for(sessions["fp32"], x, clock)
+        times = interleaved(sessions, x, rounds, repeats, clock)
         med = {k: float(np.median(v)) for k, v in times.items()}
         ratios = {k: float(np.median(np.array(times[k]) / np.array(times["fp32"])))
                   for k in times}
         row = {"target": label, "batch": batch, "rounds": rounds, "load": load,
+               "repeats": repeats, "clock": args.clock,
                "ms": {k: 1e3 * v for k, v in med.items()}, "ratio_fp32": ratios,
                "vs_u8s8": float(np.median(np.array(times["integer"])
                                           / np.array(times["ort_u8s8"])))}
         rows.append(row)
-        print(f"   batch {batch:>2} ({rounds} rounds, load {load:.1f}): " + ", ".join(
+        print(f"   batch {batch:>2} ({rounds} rounds x {repeats} runs, {args.clock} time, "
+              f"load {load:.1f}): "
+              + ", ".join(
             f"{k} {row['ms'][k]:.2f} ms ({ratios[k]:.2f}x)" for k in times)
             + f"; integer / ort_u8s8 {row['vs_u8s8']:.2f}", flush=True)
+        spread = {k: np.percentile(np.array(times[k]) / np.array(times["fp32"]), [10, 90])
+                  for k in times if k != "fp32"}
+        print("      per-round ratio to fp32, 10th-90th percentile: " + ", ".join(
+            f"{k} {lo:.2f}-{hi:.2f}" for k, (lo, hi) in spread.items()), flush=True)
     return rows
 
 
@@ -195,7 +253,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: this thread's CPU time (with --threads 1, robust to load)")
+    parser.add_argument("--repeats", type=int, default=0,
+                        help="runs per timed sample (default: enough for 5 ms)")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--ceiling-cost", action="store_true",
+                        help="also time the integer file without its ceiling Clips")
     parser.add_argument("--agreement", action="store_true",
                         help="agreement of the shipped checkpoints instead of latency")
     parser.add_argument("--residual", default="auto", choices=["auto", "float", "quantized"])

@@ -102,7 +102,13 @@ def _ceiling_of_relu6(g: GraphEdit, node: onnx.NodeProto, scale: float) -> int |
         return None
     clip.op_type = "Relu"
     del clip.input[1:]
-    return int(np.round(np.float32(hi) / np.float32(scale)))
+    return code_ceiling(hi, scale)
+
+
+def code_ceiling(bound: float, scale: float) -> int:
+    """The code of a float upper bound ``bound`` on the grid ``scale``, as QuantizeLinear
+    computes it (float32, half to even)."""
+    return int(np.round(np.float32(bound) / np.float32(scale)))
 
 
 def _lsq_act(g: GraphEdit, node: onnx.NodeProto, scope: str, outer: int, wide: str) -> IntAct:

@@ -56,6 +56,13 @@ class GraphEdit:
         (self.after if after else self.before).setdefault(id(anchor), []).append(node)
         return out
 
+    def reroute(self, anchor: onnx.NodeProto, old: str, new: str) -> None:
+        """The nodes emitted before ``anchor`` read ``new`` in place of ``old``."""
+        for node in self.before.get(id(anchor), []):
+            for k, name in enumerate(node.input):
+                if name == old:
+                    node.input[k] = new
+
     def drop(self, node: onnx.NodeProto) -> None:
         self.dropped.add(id(node))
 

@@ -7,18 +7,26 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from ... import manifest
 from ...errors import QConvertError
-from ...graph import with_extra_outputs
 from ...manifest import LayerRecord
 from .activations import WIDE_ACT_STEPS, ActInfo, IntAct, int_act
 from .edit import GraphEdit, node_attrs, stock_session
+from .requant import (
+    CALIB_BATCH,
+    Requant,
+    calibrate,
+    insert_requants,
+    output_requant,
+    residual_requants,
+    skip_redundant_clips,
+    skip_requantize_pairs,
+)
 from .weights import WeightInfo, int_weight
 
 MIN_OUTER_BITS, MAX_OUTER_BITS = 2, 8
-CALIB_SAMPLES, CALIB_BATCH = 256, 64
+CALIB_SAMPLES = 256
 RESIDUAL_DOMAINS = ("float", "quantized")
 GRAPH_KEY = "#graph"  # manifest.integer entry for the whole graph (not a layer)
 
@@ -32,19 +40,6 @@ class LayerInfo:
     batchnorm_folded: bool
     lut_bytes: int = 0  # LCQ activation tables (float32 levels)
     int8_weight_bytes: int = 0
-
-
-@dataclass
-class Requant:
-    """A QuantizeLinear / DequantizeLinear pair to insert after ``value``'s producer; a
-    None scale is calibrated (uint8 over the observed min..max)."""
-
-    value: str
-    scale: float | None = None
-    zero_point: int = 0
-    non_negative: bool = False  # calibrate from 0: only a Relu reads it
-    grid: float | None = None  # a quantizer's step to use when its uint8 range covers the
-    # values: the quantizer then reads the codes as they are
 
 
 def _batchnorm_after(g: GraphEdit, value: str) -> onnx.NodeProto | None:
@@ -141,66 +136,6 @@ def _rewrite_layer(g: GraphEdit, record: LayerRecord, node: onnx.NodeProto, oute
     return info, requants, final
 
 
-def _output_requant(g: GraphEdit, value: str, quantizers: dict[int, IntAct],
-                    graph_outputs: set[str]) -> tuple[str, list[Requant]]:
-    """How a per-tensor layer's output reaches the next layer. Through Relu / MaxPool into a
-    uniform quantizer: QuantizeLinear onto that quantizer's grid (ONNX Runtime fuses
-    Conv -> Relu -> QuantizeLinear into one requantizing kernel; a MaxPool commutes with the
-    rounding, so a QuantizeLinear before it keeps the codes). Otherwise calibrated uint8."""
-    if value in graph_outputs:
-        return "float", []
-    chain: list[onnx.NodeProto] = []
-    current = value
-    while True:
-        readers = g.consumers.get(current, [])
-        if len(readers) != 1:
-            break
-        reader = readers[0]
-        act = quantizers.get(id(reader))
-        if act is not None and act.scale_value is None and act.info.kind == "lsq":
-            relu = any(n.op_type == "Relu" for n in chain)
-            if relu and act.zero_point != 0:
-                break
-            pools = [i for i, n in enumerate(chain) if n.op_type == "MaxPool"]
-            if not pools:
-                return "requantized", []
-            before_pool = chain[pools[0] - 1].output[0] if pools[0] else value
-            return "requantized", [Requant(before_pool, act.scale, act.zero_point)]
-        if reader.op_type not in ("Relu", "MaxPool") or current in graph_outputs:
-            break
-        chain.append(reader)
-        current = reader.output[0]
-    readers = g.consumers.get(value, [])
-    if len(readers) == 1 and readers[0].op_type == "Relu" and value not in graph_outputs \
-            and readers[0].output[0] not in graph_outputs:
-        # after the Relu: ONNX Runtime folds it into the requantization (zero point 0)
-        return "calibrated", [Requant(readers[0].output[0], non_negative=True)]
-    return "calibrated", [Requant(value)]
-
-
-def _residual_requants(g: GraphEdit, graph_outputs: set[str],
-                       quantizers: dict[int, IntAct]) -> list[Requant]:
-    """Quantized-domain residual additions: the sum (after its Relu, when one reads it)
-    goes through uint8, so ONNX Runtime runs DequantizeLinear -> Add -> QuantizeLinear as
-    one QLinearAdd. The grid is the step of the uniform quantizer that reads the sum when
-    255 steps cover the sum's range (that quantizer's codes are then the sum's own), else
-    calibrated."""
-    requants = []
-    for node in g.model.graph.node:
-        if node.op_type != "Add" or any(g.is_const(i) or i not in g.producers
-                                        for i in node.input):
-            continue
-        value, readers = node.output[0], g.consumers.get(node.output[0], [])
-        relu = len(readers) == 1 and readers[0].op_type == "Relu"
-        if relu:
-            value = readers[0].output[0]
-        grids = [a.scale for a in (quantizers.get(id(r)) for r in g.consumers.get(value, []))
-                 if a is not None and a.info.kind == "lsq" and a.zero_point == 0]
-        if value not in graph_outputs:
-            requants.append(Requant(value, non_negative=relu, grid=grids[0] if grids else None))
-    return requants
-
-
 def _prune(model: onnx.ModelProto) -> None:
     """Drop nodes whose outputs nobody reads, then unread initializers and functions."""
     graph = model.graph
@@ -226,79 +161,6 @@ def _prune(model: onnx.ModelProto) -> None:
     model.opset_import.extend(opsets)
 
 
-def _calibrate(model: onnx.ModelProto, requants: list[Requant], inputs: np.ndarray) -> None:
-    """Fill in the missing scales: uint8 over the range the values take on ``inputs``."""
-    wanted = [r for r in requants if r.scale is None]
-    if not wanted:
-        return
-    names = list(dict.fromkeys(r.value for r in wanted))
-    sess = stock_session(with_extra_outputs(model, names))
-    lo = {n: 0.0 for n in names}
-    hi = {n: 0.0 for n in names}
-    for start in range(0, len(inputs), CALIB_BATCH):
-        values = sess.run(names, {manifest.INPUT_NAME: inputs[start:start + CALIB_BATCH]})
-        for name, v in zip(names, values, strict=True):
-            lo[name] = min(lo[name], float(v.min()))
-            hi[name] = max(hi[name], float(v.max()))
-    for r in wanted:
-        low = 0.0 if r.non_negative else lo[r.value]
-        span = hi[r.value] - low
-        if r.grid is not None and low == 0.0 and hi[r.value] <= 255 * r.grid:
-            r.scale, r.zero_point = r.grid, 0
-            continue
-        r.scale = float(np.float32(span / 255)) if span > 0 else 1.0
-        r.zero_point = int(np.clip(np.round(-low / r.scale), 0, 255))
-
-
-def _insert_requants(model: onnx.ModelProto, requants: list[Requant]) -> None:
-    """QuantizeLinear -> DequantizeLinear right after each value's producer; readers keep
-    the value's name."""
-    by_value = {r.value: r for r in requants}
-    inits = model.graph.initializer
-    nodes: list[onnx.NodeProto] = []
-    for node in model.graph.node:
-        nodes.append(node)
-        for k, out in enumerate(node.output):
-            r = by_value.get(out)
-            if r is None:
-                continue
-            raw, key = f"{out}/f", f"{out}/rq"
-            node.output[k] = raw
-            inits.extend([numpy_helper.from_array(np.array(r.scale, np.float32), f"{key}_s"),
-                          numpy_helper.from_array(np.array(r.zero_point, np.uint8), f"{key}_z")])
-            nodes.append(onnx.helper.make_node(
-                "QuantizeLinear", [raw, f"{key}_s", f"{key}_z"], [f"{out}/q"], name=f"{key}_q"))
-            nodes.append(onnx.helper.make_node(
-                "DequantizeLinear", [f"{out}/q", f"{key}_s", f"{key}_z"], [out],
-                name=f"{key}_dq"))
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-
-
-def _skip_requantize_pairs(model: onnx.ModelProto) -> None:
-    """QuantizeLinear(DequantizeLinear(q)) with the same scale and zero point is q: the
-    reader takes q directly (an exact identity; ONNX Runtime would run both)."""
-    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    producers = {o: n for n in model.graph.node for o in n.output}
-
-    def params(node):
-        if not all(i in inits for i in node.input[1:3]) or len(node.input) < 3:
-            return None
-        return inits[node.input[1]].tobytes(), inits[node.input[2]].tobytes(), \
-            inits[node.input[2]].dtype
-
-    rename: dict[str, str] = {}
-    for node in model.graph.node:
-        dq = producers.get(node.input[0]) if node.op_type == "QuantizeLinear" else None
-        if dq is not None and dq.op_type == "DequantizeLinear" and params(dq) is not None \
-                and params(dq) == params(node):
-            rename[node.output[0]] = dq.input[0]
-    for node in model.graph.node:
-        for k, name in enumerate(node.input):
-            if name in rename:
-                node.input[k] = rename[name]
-
-
 def _residual_summary(model: onnx.ModelProto) -> dict[str, int]:
     """Residual additions by domain: 'quantized' when both inputs come from
     DequantizeLinear and the sum goes to QuantizeLinear (ONNX Runtime fuses it), else
@@ -309,9 +171,12 @@ def _residual_summary(model: onnx.ModelProto) -> dict[str, int]:
         for i in n.input:
             readers.setdefault(i, []).append(n)
     counts = {"quantized": 0, "float": 0}
+    seen: set[tuple[str, ...]] = set()
     for n in model.graph.node:
-        if n.op_type != "Add" or any(i not in producers for i in n.input):
+        if n.op_type != "Add" or any(i not in producers for i in n.input) \
+                or tuple(n.input) in seen:  # one sum per grid counts once
             continue
+        seen.add(tuple(n.input))
         dq_in = all(producers[i].op_type == "DequantizeLinear" for i in n.input)
         after = readers.get(n.output[0], [])
         if [r.op_type for r in after] == ["Relu"]:  # folded into the requantization
@@ -406,15 +271,17 @@ def _to_integer(model: onnx.ModelProto, outer_bits: int, wide_act_step: str,
     graph_outputs = {o.name for o in out.graph.output}
     for name, info in layers.items():
         if not info.output:
-            info.output, needed = _output_requant(g, finals[name], quantizers, graph_outputs)
+            info.output, needed = output_requant(g, finals[name], quantizers, graph_outputs,
+                                                  share=residual == "quantized")
             requants.extend(needed)
     if residual == "quantized":
-        requants.extend(_residual_requants(g, graph_outputs, quantizers))
+        requants.extend(residual_requants(g, graph_outputs, quantizers))
     g.assemble()
     _prune(out)
-    _calibrate(out, requants, _calibration_inputs(man, calib))
-    _insert_requants(out, requants)
-    _skip_requantize_pairs(out)
+    calibrate(out, requants, _calibration_inputs(man, calib))
+    insert_requants(out, requants)
+    skip_requantize_pairs(out)
+    skip_redundant_clips(out)
     _prune(out)
     manifest.write(out, _integer_manifest(man, outer, layers, _residual_summary(out)))
     try:
