@@ -33,7 +33,7 @@ from .common import (
     load_source,
     plain_number,
     source_tensor,
-    strip_data_parallel,
+    state_and_meta,
 )
 
 STEM, HEAD = "quant_init_block_convbn", "quant_output.linear"
@@ -66,21 +66,6 @@ class Recipe:
     act: str  # "asq" or "lsq"
     weight: str  # "lsq" or "post"
     root: int = 1  # POST base: 1 = 2, 2 = sqrt 2
-
-
-def _state_and_meta(path: Path, payload: object) -> tuple[dict, dict]:
-    """The state dict and the other entries of the saved dict."""
-    if not isinstance(payload, Mapping):
-        raise QConvertError(f"{path}: holds a {type(payload).__name__}, not the dict the "
-                            "training script saves; " + LAYOUT_HINT)
-    if "state_dict" in payload:
-        state, meta = payload["state_dict"], {k: v for k, v in payload.items()
-                                              if k != "state_dict"}
-    else:
-        state, meta = payload, {}
-    if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
-        raise QConvertError(f"{path}: 'state_dict' is not a mapping of names to tensors")
-    return strip_data_parallel(path, state), meta
 
 
 def _layout_depth(path: Path, state: Mapping) -> int:
@@ -351,7 +336,7 @@ def import_checkpoint(path: str | Path, options: ImportOptions) -> ImportResult:
     from ..checkpoint import file_sha256
 
     path = Path(path)
-    state, meta = _state_and_meta(path, load_source(path))
+    state, meta = state_and_meta(path, load_source(path), LAYOUT_HINT)
     recipe = _recipe(path, state, meta, options)
     model, kwargs = _build(path, state, recipe)
     check_key_sets(path, state, _expected_keys(model, recipe.act),

@@ -65,6 +65,22 @@ def strip_data_parallel(path: Path, state: Mapping[str, object]) -> dict[str, ob
     return {k[len(DATA_PARALLEL_PREFIX):]: v for k, v in state.items()}
 
 
+def state_and_meta(path: Path, payload: object, hint: str) -> tuple[dict, dict]:
+    """The state dict of a saved training dict (or a bare state dict) and its other
+    entries, without a DataParallel ``module.`` prefix."""
+    if not isinstance(payload, Mapping):
+        raise QConvertError(f"{path}: holds a {type(payload).__name__}, not the dict the "
+                            "training script saves; " + hint)
+    if "state_dict" in payload:
+        state, meta = payload["state_dict"], {k: v for k, v in payload.items()
+                                              if k != "state_dict"}
+    else:
+        state, meta = payload, {}
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
+        raise QConvertError(f"{path}: 'state_dict' is not a mapping of names to tensors")
+    return strip_data_parallel(path, state), meta
+
+
 def check_key_sets(path: Path, found: Iterable[str], expected: Iterable[str], hint: str) -> None:
     """Every source key is mapped and none is left over."""
     found, expected = set(found), list(expected)

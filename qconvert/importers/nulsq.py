@@ -33,7 +33,7 @@ from .common import (
     load_source,
     plain_number,
     source_tensor,
-    strip_data_parallel,
+    state_and_meta,
 )
 from .run_params import class_name, read_run_params
 
@@ -72,20 +72,6 @@ class Recipe:
     x_grad_scale: str
     weights: str = ""  # "lcq" / "lsq", from the key layout
     acts: str = ""
-
-
-def _state_and_meta(path: Path, payload: object) -> tuple[dict, dict]:
-    if not isinstance(payload, Mapping):
-        raise QConvertError(f"{path}: holds a {type(payload).__name__}, not the dict the "
-                            "training script saves; " + LAYOUT_HINT)
-    if "state_dict" in payload:
-        state, meta = payload["state_dict"], {k: v for k, v in payload.items()
-                                              if k != "state_dict"}
-    else:
-        state, meta = payload, {}
-    if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
-        raise QConvertError(f"{path}: 'state_dict' is not a mapping of names to tensors")
-    return strip_data_parallel(path, state), meta
 
 
 def _shape(state: Mapping, key: str) -> tuple[int, ...] | None:
@@ -613,7 +599,7 @@ def import_checkpoint(path: str | Path, options: ImportOptions) -> ImportResult:
 
     path = Path(path)
     _minmax_mode(options)
-    state, meta = _state_and_meta(path, load_source(path))
+    state, meta = state_and_meta(path, load_source(path), LAYOUT_HINT)
     layout = _layout(path, state)
     params = read_run_params(options.run_params) if options.run_params else {}
     recipe = _recipe(path, options, layout, params)
