@@ -292,6 +292,12 @@ def _write(tmp_path: Path, saved) -> Path:
 POST = ("--weights", "post", "--post-base", "2")
 
 
+def assert_post_import_refused(tmp_path: Path, saved, *phrases: str) -> None:
+    """Importing ``saved`` as POST weights fails with one line holding every phrase."""
+    code, _, stderr = run_import(_write(tmp_path, saved), tmp_path / "o.pt", *POST)
+    assert_refused(code, stderr, *phrases)
+
+
 def test_refuses_truncated_file(tmp_path):
     src = write_fixture(tmp_path / "full.pth.tar", FixtureSpec())
     cut = tmp_path / "cut.pth.tar"
@@ -303,8 +309,8 @@ def test_refuses_truncated_file(tmp_path):
 def test_refuses_pickled_objects(tmp_path):
     saved = _saved()
     saved["extra"] = torch.nn.ReLU()
-    assert_refused(*run_import(_write(tmp_path, saved), tmp_path / "o.pt", *POST)[::2],
-                   "pickled Python objects")
+    assert_post_import_refused(tmp_path, saved,
+                               "pickled Python objects")
 
 
 def test_refuses_a_different_layout(tmp_path):
@@ -322,9 +328,9 @@ def test_refuses_a_qconvert_checkpoint(imported, tmp_path):
 def test_refuses_tampered_shape(tmp_path):
     saved = _saved()
     saved["state_dict"]["layer2.unit2.quant_convbn1.quan_w_fn.s"] = torch.ones(8, 1, 1, 2)
-    assert_refused(*run_import(_write(tmp_path, saved), tmp_path / "o.pt", *POST)[::2],
-                   "layer2.unit2.quant_convbn1.quan_w_fn.s has shape (8, 1, 1, 2)",
-                   "(8, 1, 1, 1)")
+    assert_post_import_refused(tmp_path, saved,
+                               "layer2.unit2.quant_convbn1.quan_w_fn.s has shape (8, 1, 1, 2)",
+                               "(8, 1, 1, 1)")
 
 
 def test_refuses_a_declared_size_no_model_should_allocate(tmp_path):
@@ -332,83 +338,83 @@ def test_refuses_a_declared_size_no_model_should_allocate(tmp_path):
     saved = _saved()
     saved["state_dict"]["quant_init_block_convbn.conv.weight"] = torch.zeros(1).expand(
         100000, 3, 7, 7)
-    assert_refused(*run_import(_write(tmp_path, saved), tmp_path / "o.pt", *POST)[::2],
-                   "declare width 100000")
+    assert_post_import_refused(tmp_path, saved,
+                               "declare width 100000")
 
 
 def test_refuses_tampered_dtype(tmp_path):
     saved = _saved()
     key = "layer1.unit1.quant_convbn2.conv.weight"
     saved["state_dict"][key] = saved["state_dict"][key].double()
-    assert_refused(*run_import(_write(tmp_path, saved), tmp_path / "o.pt", *POST)[::2],
-                   key, "torch.float64")
+    assert_post_import_refused(tmp_path, saved,
+                               key, "torch.float64")
 
 
 def test_refuses_missing_key(tmp_path):
     saved = _saved()
     del saved["state_dict"]["layer3.unit1.quant_identity_convbn.bn.running_var"]
-    assert_refused(*run_import(_write(tmp_path, saved), tmp_path / "o.pt", *POST)[::2],
-                   "key layer3.unit1.quant_identity_convbn.bn.running_var is missing")
+    assert_post_import_refused(tmp_path, saved,
+                               "key layer3.unit1.quant_identity_convbn.bn.running_var is missing")
 
 
 def test_refuses_leftover_key(tmp_path):
     saved = _saved()
     saved["state_dict"]["layer1.unit1.quant_convbn1.conv.bias"] = torch.zeros(4)
-    assert_refused(*run_import(_write(tmp_path, saved), tmp_path / "o.pt", *POST)[::2],
-                   "unexpected key layer1.unit1.quant_convbn1.conv.bias")
+    assert_post_import_refused(tmp_path, saved,
+                               "unexpected key layer1.unit1.quant_convbn1.conv.bias")
 
 
 def test_refuses_adapter_missing_in_one_layer(tmp_path):
     saved = _saved()
     for k in [k for k in saved["state_dict"] if k.startswith("layer4.unit2.quant_convbn2.adapt")]:
         del saved["state_dict"][k]
-    assert_refused(*run_import(_write(tmp_path, saved), tmp_path / "o.pt", *POST)[::2],
-                   "layer4.unit2.quant_convbn2.adapter.net.0", "is missing")
+    assert_post_import_refused(tmp_path, saved,
+                               "layer4.unit2.quant_convbn2.adapter.net.0", "is missing")
 
 
 def test_refuses_uninitialised_quantizers(tmp_path):
     saved = _saved()
     saved["state_dict"]["layer1.unit2.quant_convbn1.init_state"] = torch.ones(1)
-    assert_refused(*run_import(_write(tmp_path, saved), tmp_path / "o.pt", *POST)[::2],
-                   "layer1.unit2.quant_convbn1.init_state is 1", "never initialised")
+    assert_post_import_refused(tmp_path, saved,
+                               "layer1.unit2.quant_convbn1.init_state is 1", "never initialised")
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf])
 def test_refuses_non_finite_step(tmp_path, value):
     saved = _saved()
     saved["state_dict"]["layer2.unit1.quant_convbn2.quan_a_fn.s"] = torch.tensor([value])
-    assert_refused(*run_import(_write(tmp_path, saved), tmp_path / "o.pt", *POST)[::2],
-                   "layer2.unit1.quant_convbn2.quan_a_fn.s holds NaN or Inf")
+    assert_post_import_refused(tmp_path, saved,
+                               "layer2.unit1.quant_convbn2.quan_a_fn.s holds NaN or Inf")
 
 
 def test_refuses_zero_post_alpha(tmp_path):
     saved = _saved()
     saved["state_dict"]["layer2.unit1.quant_convbn2.quan_w_fn.s"][3] = 0.0
-    assert_refused(*run_import(_write(tmp_path, saved), tmp_path / "o.pt", *POST)[::2],
-                   "layer2.unit1.quant_convbn2.quan_w_fn.s (POST alpha) is 0")
+    assert_post_import_refused(tmp_path, saved,
+                               "layer2.unit1.quant_convbn2.quan_w_fn.s (POST alpha) is 0")
 
 
 def test_refuses_mixed_data_parallel_prefix(tmp_path):
     saved = _saved()
     state = saved["state_dict"]
     saved["state_dict"] = {("module." + k if "layer1" in k else k): v for k, v in state.items()}
-    assert_refused(*run_import(_write(tmp_path, saved), tmp_path / "o.pt", *POST)[::2],
-                   "some keys start with 'module.'")
+    assert_post_import_refused(tmp_path, saved,
+                               "some keys start with 'module.'")
 
 
 def test_refuses_depth_contradicting_arch_entry(tmp_path):
     saved = _saved()
     saved["arch"] = "resnet34_4"
-    assert_refused(*run_import(_write(tmp_path, saved), tmp_path / "o.pt", *POST)[::2],
-                   "'resnet34_4' says ResNet-34 but the keys hold a ResNet-18")
+    assert_post_import_refused(tmp_path, saved,
+                               "'resnet34_4' says ResNet-34 but the keys hold a ResNet-18")
 
 
 def test_refuses_units_of_neither_depth(tmp_path):
     saved = _saved()
     for k in [k for k in saved["state_dict"] if k.startswith("layer2.unit2.")]:
         del saved["state_dict"][k]
-    assert_refused(*run_import(_write(tmp_path, saved), tmp_path / "o.pt", *POST)[::2],
-                   "units per stage (2, 1, 2, 2)")
+    assert_post_import_refused(tmp_path, saved,
+                               "units per stage (2, 1, 2, 2)")
 
 
 def test_refuses_bits_contradicting_arch_entry(tmp_path):
@@ -420,15 +426,15 @@ def test_refuses_bits_contradicting_arch_entry(tmp_path):
 def test_refuses_missing_bits(tmp_path):
     saved = _saved()
     del saved["arch"]
-    assert_refused(*run_import(_write(tmp_path, saved), tmp_path / "o.pt", *POST)[::2],
-                   "records the bit width", "--bits")
+    assert_post_import_refused(tmp_path, saved,
+                               "records the bit width", "--bits")
 
 
 def test_refuses_unparsable_arch_entry(tmp_path):
     saved = _saved()
     saved["arch"] = "resnet18"
-    assert_refused(*run_import(_write(tmp_path, saved), tmp_path / "o.pt", *POST)[::2],
-                   "arch entry 'resnet18'")
+    assert_post_import_refused(tmp_path, saved,
+                               "arch entry 'resnet18'")
 
 
 def test_refuses_missing_weights_option(tmp_path):
@@ -452,8 +458,8 @@ def test_refuses_post_base_with_lsq_weights(tmp_path):
 def test_refuses_post_at_8_bits(tmp_path):
     saved = _saved()
     saved["arch"] = "resnet18_8"
-    assert_refused(*run_import(_write(tmp_path, saved), tmp_path / "o.pt", *POST)[::2],
-                   "cannot quantize at 8 bits", "2..7")
+    assert_post_import_refused(tmp_path, saved,
+                               "cannot quantize at 8 bits", "2..7")
 
 
 def test_refuses_a_non_dict_file(tmp_path):
@@ -513,8 +519,9 @@ def test_negative_post_alpha_on_an_asymmetric_tie_is_refused(tmp_path):
     cannot be expressed with abs(alpha): the bit-for-bit weight check refuses the file."""
     saved = make_checkpoint(FixtureSpec(18, 4, "asq", "post", seed=6))
     saved["state_dict"]["layer3.unit1.quant_convbn1.quan_w_fn.s"][0] *= -1
-    assert_refused(*run_import(_write(tmp_path, saved), tmp_path / "o.pt", *POST)[::2],
-                   "layer layer3.0.conv1", "differ from the source's", "cannot be imported")
+    assert_post_import_refused(tmp_path, saved,
+                               "layer layer3.0.conv1", "differ from the source's",
+                               "cannot be imported")
 
 
 @pytest.mark.parametrize(("name", "params"), [("tv_resnet18", 11_689_512),

@@ -88,6 +88,17 @@ def abs_quantile(x: torch.Tensor, q: float, dim: int | None = None) -> torch.Ten
     return torch.quantile(x.transpose(0, dim).reshape(x.shape[dim], -1).float(), q, dim=1)
 
 
+def limited_normalization(x: torch.Tensor,
+                          enabled: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Limited weight normalization: ((x - mean) / std, std) with the unbiased std; the
+    quantized value is multiplied back by std and the mean is not added back. Disabled:
+    (x, None)."""
+    if not enabled:
+        return x, None
+    sigma = x.std()
+    return (x - x.mean()) / sigma, sigma
+
+
 class Quantizer(nn.Module):
     """Base: a bit width, a sign convention and a one-time init from the first batch.
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Quantizer, abs_quantile, grad_scale, round_ste
+from .base import Quantizer, abs_quantile, grad_scale, limited_normalization, round_ste
 
 
 def compressor(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,14 +87,8 @@ class LCQQuantizer(Quantizer):
         """S: the largest code (codes run 0..S in magnitude)."""
         return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
 
-    def _normalized(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if not self.normalize:
-            return x, None
-        sigma = x.std()
-        return (x - x.mean()) / sigma, sigma
-
     def init_from(self, x: torch.Tensor) -> None:
-        x, _ = self._normalized(x)
+        x, _ = limited_normalization(x, self.normalize)
         data = x if self.signed else x.clamp_min(0)
         self.alpha.copy_(abs_quantile(data, 0.99).clamp_min(1e-6).reshape(1))
 
@@ -104,7 +98,7 @@ class LCQQuantizer(Quantizer):
         return self.signed or self.mirror
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        x_hat, sigma = self._normalized(x)
+        x_hat, sigma = limited_normalization(x, self.normalize)
         # The reference scales alpha/theta gradients by sqrt(S / N).
         scale = (self.top_code / self.grad_numel(x)) ** 0.5
         alpha = grad_scale(self.alpha, scale)
@@ -139,7 +133,7 @@ class LCQQuantizer(Quantizer):
             return self.alpha.detach() * expand(j / self.top_code, slopes, offsets)
 
     def weight_sigma(self, w: torch.Tensor) -> torch.Tensor | None:
-        return self._normalized(w.detach())[1]
+        return limited_normalization(w.detach(), self.normalize)[1]
 
     def _clip_is_extra_level(self) -> bool:
         """With ``clip_exact``, alpha is a value of its own unless the top level equals it."""
@@ -164,7 +158,7 @@ class LCQQuantizer(Quantizer):
     def encode(self, w: torch.Tensor) -> torch.Tensor:
         """Index of each weight's value in :meth:`levels` (code j in [-S, S] -> j + S)."""
         with torch.no_grad():
-            x_hat, _ = self._normalized(w.detach())
+            x_hat, _ = limited_normalization(w.detach(), self.normalize)
             slopes, offsets = self.compressor_tables()
             v = torch.clamp(x_hat.abs() / self.alpha, max=1)
             codes = torch.clamp(torch.round(compress(v, slopes, offsets) * self.top_code),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Quantizer, grad_scale, lsq_grad_scale, round_ste
+from .base import Quantizer, grad_scale, limited_normalization, lsq_grad_scale, round_ste
 
 
 class LSQQuantizer(Quantizer):
@@ -27,19 +27,13 @@ class LSQQuantizer(Quantizer):
         self.normalize = normalize
         self.step = nn.Parameter(torch.ones(channels if channels else 1))
 
-    def _normalized(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if not self.normalize:
-            return x, None
-        sigma = x.std()
-        return (x - x.mean()) / sigma, sigma
-
     def _step_view(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels:
             return self.step.view(-1, *([1] * (x.dim() - 1)))
         return self.step
 
     def init_from(self, x: torch.Tensor) -> None:
-        x, _ = self._normalized(x)
+        x, _ = limited_normalization(x, self.normalize)
         qp = max(self.code_range[1], 1)
         if self.channels:
             mean_abs = x.abs().reshape(self.channels, -1).mean(dim=1)
@@ -48,7 +42,7 @@ class LSQQuantizer(Quantizer):
         self.step.copy_((2 * mean_abs / qp**0.5).clamp_min(1e-8))
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        x, sigma = self._normalized(x)
+        x, sigma = limited_normalization(x, self.normalize)
         lo, hi = self.code_range
         scale = lsq_grad_scale(self.grad_numel(x), hi)
         s = grad_scale(self._step_view(x), scale)
@@ -60,7 +54,7 @@ class LSQQuantizer(Quantizer):
     def encode(self, w: torch.Tensor) -> torch.Tensor:
         """Index of each element's value in :meth:`levels` (in its channel's row if per channel)."""
         lo, hi = self.code_range
-        w, _ = self._normalized(w.detach())
+        w, _ = limited_normalization(w.detach(), self.normalize)
         return (torch.clamp(torch.round(w / self._step_view(w).detach()), lo, hi) - lo).long()
 
     def levels(self, w: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,4 +68,4 @@ class LSQQuantizer(Quantizer):
             return table
         if w is None:
             raise ValueError("a normalised LSQ weight quantizer needs the weight for its levels")
-        return table * self._normalized(w.detach())[1]
+        return table * limited_normalization(w.detach(), self.normalize)[1]

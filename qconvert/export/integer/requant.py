@@ -291,10 +291,7 @@ def skip_requantize_pairs(model: onnx.ModelProto) -> None:
         if dq is not None and dq.op_type == "DequantizeLinear" and params(dq) is not None \
                 and params(dq) == params(node):
             rename[node.output[0]] = dq.input[0]
-    for node in model.graph.node:
-        for k, name in enumerate(node.input):
-            if name in rename:
-                node.input[k] = rename[name]
+    _redirect_readers(model, rename)
 
 
 def skip_redundant_clips(model: onnx.ModelProto) -> None:
@@ -314,6 +311,12 @@ def skip_redundant_clips(model: onnx.ModelProto) -> None:
         outer, inner = bounds(node), bounds(producers.get(node.input[0]))
         if outer and inner and outer[0] <= inner[0] and inner[1] <= outer[1]:
             rename[node.output[0]] = node.input[0]
+    _redirect_readers(model, rename)
+
+
+def _redirect_readers(model: onnx.ModelProto, rename: dict[str, str]) -> None:
+    """Every node reading a key of ``rename`` reads its value instead (the skipped node is
+    left without readers)."""
     for node in model.graph.node:
         for k, name in enumerate(node.input):
             if name in rename:
