@@ -39,7 +39,7 @@ from qconvert import native  # noqa: E402
 from qconvert.archs import build_architecture  # noqa: E402
 from qconvert.bench import export_float, float_model, quantize_int8  # noqa: E402
 from qconvert.calib import load_calibration  # noqa: E402
-from qconvert.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from qconvert.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from qconvert.export.integer import integer_summary, to_integer  # noqa: E402
 from qconvert.export.onnx_export import build_onnx  # noqa: E402
 from qconvert.ops import DOMAIN  # noqa: E402
@@ -135,18 +135,23 @@ def interleaved(sessions: dict[str, ort.InferenceSession], x: np.ndarray,
     return times
 
 
-def bench_target(target: str, args, tmp: Path) -> list[dict]:
+def checkpoint_and_samples(target: str, scheme: str, tmp: Path) -> tuple[Checkpoint, np.ndarray]:
+    """A shipped checkpoint with the calibration split, or a random-parameter built-in
+    architecture with 64 standard-normal samples."""
     if target in RANDOM:
-        ckpt = random_checkpoint(target, args.scheme, tmp / f"{target}.pt")
-        samples = np.random.default_rng(0).standard_normal(
+        ckpt = random_checkpoint(target, scheme, tmp / f"{target}.pt")
+        return ckpt, np.random.default_rng(0).standard_normal(
             (64, *ckpt.input.shape)).astype(np.float32)
-        label = f"{target} {'x'.join(map(str, ckpt.input.shape[1:]))} (random {args.scheme})"
-    else:
-        ckpt = load_checkpoint(target)
-        data = load_calibration(CALIB, ckpt.input.shape)
-        samples = prepare_inputs(data.x, ckpt.input.shape, ckpt.input.mean,
-                                 ckpt.input.std).numpy()
-        label = Path(target).stem
+    ckpt = load_checkpoint(target)
+    data = load_calibration(CALIB, ckpt.input.shape)
+    return ckpt, prepare_inputs(data.x, ckpt.input.shape, ckpt.input.mean,
+                                ckpt.input.std).numpy()
+
+
+def bench_target(target: str, args, tmp: Path) -> list[dict]:
+    ckpt, samples = checkpoint_and_samples(target, args.scheme, tmp)
+    label = (f"{target} {'x'.join(map(str, ckpt.input.shape[1:]))} (random {args.scheme})"
+             if target in RANDOM else Path(target).stem)
     files = {"fp32": tmp / "fp32.onnx", "ort_u8s8": tmp / "u8s8.onnx",
              "ort_s8s8": tmp / "s8s8.onnx", "exact": tmp / "exact.onnx",
              "integer": tmp / "integer.onnx", "integer_float_residual": tmp / "integer_fres.onnx",

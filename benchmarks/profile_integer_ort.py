@@ -21,16 +21,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from bench_integer_ort import CALIB, RANDOM, quantize_u8s8, random_checkpoint
+from bench_integer_ort import checkpoint_and_samples, quantize_u8s8
 
 from qconvert import native
 from qconvert.bench import export_float, float_model
-from qconvert.calib import load_calibration
-from qconvert.checkpoint import load_checkpoint
 from qconvert.export.integer import to_integer
 from qconvert.export.onnx_export import build_onnx
 from qconvert.ops import DOMAIN
-from qconvert.preprocess import prepare_inputs
 
 FUSED = {"QLinearConv", "QLinearAdd", "QGemm", "NhwcMaxPool", "Conv"}
 
@@ -74,15 +71,7 @@ def kernel_times(path: Path, x: np.ndarray, runs: int) -> tuple[Counter, float]:
 
 
 def files_for(target: str, tmp: Path) -> tuple[dict[str, Path], np.ndarray]:
-    if target in RANDOM:
-        ckpt = random_checkpoint(target, "lsq", tmp / f"{target}.pt")
-        samples = np.random.default_rng(0).standard_normal(
-            (64, *ckpt.input.shape)).astype(np.float32)
-    else:
-        ckpt = load_checkpoint(target)
-        data = load_calibration(CALIB, ckpt.input.shape)
-        samples = prepare_inputs(data.x, ckpt.input.shape, ckpt.input.mean,
-                                 ckpt.input.std).numpy()
+    ckpt, samples = checkpoint_and_samples(target, "lsq", tmp)
     files = {"fp32": tmp / "fp32.onnx", "ort_u8s8": tmp / "u8s8.onnx",
              "integer": tmp / "integer.onnx"}
     export_float(float_model(ckpt), tuple(ckpt.input.shape), files["fp32"])
