@@ -680,12 +680,14 @@ def _per_layer(ckpt, model, data, make_session, batch_size, limit, twin):
             with torch.no_grad():
                 torch_out = flat_outputs(ckpt.model(x))
                 twin(as_referee_input(x))
+                referee = dict(referee_captures.values)
+                if segments is not None:  # before ONNX Runtime's threads spin on the cores
+                    with _forced(twin, captures.values):
+                        forced_out = flat_outputs(twin(as_referee_input(x)))
             results = dict(zip(names, _onnx_outputs(session, x, names), strict=True))
             checker.teacher_forced(captures.values)
-            checker.free_running(results, captures.values, referee_captures.values)
+            checker.free_running(results, captures.values, referee)
             if segments is not None:
-                with torch.no_grad(), _forced(twin, captures.values):
-                    forced_out = flat_outputs(twin(as_referee_input(x)))
                 segments.add(x, captures.values, torch_out, referee_captures.values,
                              forced_out)
             samples += len(x)
