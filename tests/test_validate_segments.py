@@ -212,3 +212,50 @@ def test_a_fault_within_the_segment_mean_but_off_the_ties_fails(ties, tmp_path):
     assert seg["seed_flips"] > 100 and seg["seed_ties"] == 0
     assert report["first_departure"] == "features.3"
     assert "not amplified rounding" in report["diagnosis"]
+
+
+# ------------------------------------------------------------------ the waiver rule alone
+
+
+def _report(samples: int = 8, per_layer: int = 8, seeds: int = 0, ties: int = 0,
+            segment_mean: float = 1e-8):
+    """A report whose end-to-end mean fails (ONNX 1e-2, PyTorch 1e-8) while every
+    quantizer is exact; one segment with the given ONNX mean (PyTorch 1e-8, max 1)."""
+    from qconvert.validate import Distance, LayerReport, Report, SegmentReport
+
+    def dist(mean: float) -> Distance:
+        return Distance(mean, mean, None, None, None, None)
+    report = Report(samples=samples, runtime="native", top1_agreement=None,
+                    top5_agreement=None, max_abs_diff=1e-2, mean_abs_diff=1e-2,
+                    max_abs_output=1.0, sqnr_db=None, nan_samples=0, torch_accuracy=None,
+                    onnx_accuracy=None, task="regression")
+    report.referee = {"torch": dist(1e-8), "onnx": dist(1e-2)}
+    report.per_layer_samples = per_layer
+    report.layers = [LayerReport("conv", "lsq", op_elements=10, level_elements=10,
+                                 onnx_level_flips=3)]
+    report.level_flips = {"torch": 0, "onnx": 3, "elements": 10}
+    report.segments = [SegmentReport("x", "conv", "input", elements=10, max_abs_value=1.0,
+                                     onnx_mean_diff=segment_mean, torch_mean_diff=1e-8,
+                                     seed_flips=seeds, seed_ties=ties, seed_max_ulps=0.5)]
+    return report
+
+
+def test_waiver_needs_exact_layers_on_every_sample_and_ties_only():
+    from qconvert.verdict import judge, needs_every_sample
+
+    waived = judge(_report(seeds=2, ties=2))
+    assert waived.verdict == "PASS"
+    assert [c["name"] for c in waived.checks if c.get("waived")] == ["referee_mean"]
+    assert "2 quantizer inputs in 1 layers (first: conv)" in waived.diagnosis
+    subset = judge(_report(samples=100, per_layer=64))
+    assert subset.verdict == "FAIL" and needs_every_sample(subset)
+    assert "rerun with --per-layer" in subset.diagnosis
+    untied = judge(_report(seeds=2, ties=1))
+    assert untied.verdict == "FAIL" and not needs_every_sample(untied)
+    assert "not amplified rounding" in untied.diagnosis and untied.first_departure == "conv"
+    wrong_segment = judge(_report(segment_mean=1e-3))  # allowed 4e-8 + 2^-23
+    assert wrong_segment.verdict == "FAIL" and wrong_segment.first_departure == "conv"
+    user_bound = judge(_report(), max_abs_diff=1e-3)
+    assert user_bound.verdict == "FAIL"
+    assert {c["name"] for c in user_bound.checks if not c["passed"]} == {"referee_mean",
+                                                                          "max_abs_diff"}
