@@ -9,8 +9,11 @@ agreement and agreement IoU for dense class maps, box-level agreement after the 
 decoding for a detector's raw outputs (``detection.py``), nothing class-based for values.
 Per layer, from a separate pass (hooks and extra graph outputs change what ONNX Runtime
 and PyTorch run, so they never touch the end-to-end figures): a teacher-forced op-level
-check (each quantizer's ONNX nodes run alone on exactly the input PyTorch gave it),
-quantizer outputs on a different level than the referee's, and free-running SQNR.
+check (each quantizer's ONNX nodes run alone on exactly the input PyTorch gave it), the
+teacher-forced segment check (the graph cut at every quantizer and fed PyTorch's quantized
+values, so every other node runs on exactly PyTorch's inputs, against the float64 referee
+forced the same way), quantizer outputs on a different level than the referee's, and
+free-running SQNR.
 The verdict is in ``verdict.py``.
 """
 
@@ -139,7 +142,7 @@ class SegmentReport:
     # and how close the referee's value is to the level boundary there (in float32 ulps of
     # the value; the boundary lies between ONNX's and PyTorch's values).
     seed_flips: int = 0
-    seed_ties: int = 0  # of those, the referee's value within PyTorch fp32's largest error
+    seed_ties: int = 0  # of those on a rounding tie (see _SegmentChecker.finish)
     seed_max_ulps: float = 0.0
     name: str = ""  # "<layer> input", "<layer> beta", or the output's name
 
