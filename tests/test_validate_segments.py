@@ -64,6 +64,17 @@ def test_cut_feeds_quantizer_outputs_and_returns_their_inputs():
                                rtol=1e-6)
 
 
+def test_cut_keeps_the_recorded_shape_of_a_value_it_feeds():
+    model = _two_quantizer_graph()
+    model.graph.value_info.append(helper.make_tensor_value_info("t1q", TensorProto.FLOAT,
+                                                                [2, 3]))
+    model.graph.value_info.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3]))
+    cut_model = cut(model, ["q1", "q2"])
+    fed = next(i for i in cut_model.graph.input if i.name == "t1q")
+    assert [d.dim_value for d in fed.type.tensor_type.shape.dim] == [2, 3]
+    assert [v.name for v in cut_model.graph.value_info] == ["y"]
+
+
 def test_cut_does_not_return_a_graph_input_a_removed_node_reads():
     model = cut(_two_quantizer_graph(), ["mul", "q1"])  # "mul" reads x, a graph input
     assert [i.name for i in model.graph.input] == ["x", "t1q"]
