@@ -69,3 +69,40 @@ def with_extra_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelPr
     extended.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
                                  for n in names if n not in existing)
     return extended
+
+
+def cut(model: onnx.ModelProto, removed: list[str]) -> onnx.ModelProto:
+    """``model`` without the nodes named ``removed``, so what lies between them can be run
+    on given values: each value they make that a kept node (or the graph) reads becomes a
+    graph input, each value they read that a kept node makes becomes a graph output, after
+    the model's own outputs (those the removed nodes make are dropped)."""
+    gone = set(removed)
+    kept = [n for n in model.graph.node if n.name not in gone]
+    cut_nodes = [n for n in model.graph.node if n.name in gone]
+    made_by_cut = {o for n in cut_nodes for o in n.output}
+    made_by_kept = {o for n in kept for o in n.output}
+    read_by_kept = {i for n in kept for i in n.input} | {o.name for o in model.graph.output}
+    fed = [o for n in cut_nodes for o in n.output if o in read_by_kept]
+    probed = [v for v in scope_inputs(model.graph, cut_nodes)
+              if v in made_by_kept and v not in made_by_cut]
+    outputs = [o for o in model.graph.output if o.name not in made_by_cut]
+    probed = [v for v in dict.fromkeys(probed) if v not in {o.name for o in outputs}]
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(kept)
+    out.graph.input.extend(_value_infos(model.graph, fed))
+    del out.graph.output[:]
+    out.graph.output.extend([*outputs, *_value_infos(model.graph, probed)])
+    moved = set(fed) | set(probed)
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(v for v in model.graph.value_info if v.name not in moved)
+    return out
+
+
+def _value_infos(graph: onnx.GraphProto, names: list[str]) -> list[onnx.ValueInfoProto]:
+    """Each value's recorded type and shape (so ONNX Runtime's layout passes see it), else
+    float of unknown shape."""
+    known = {v.name: v for v in graph.value_info}
+    return [known.get(n) or onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+            for n in dict.fromkeys(names)]

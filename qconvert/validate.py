@@ -9,8 +9,11 @@ agreement and agreement IoU for dense class maps, box-level agreement after the 
 decoding for a detector's raw outputs (``detection.py``), nothing class-based for values.
 Per layer, from a separate pass (hooks and extra graph outputs change what ONNX Runtime
 and PyTorch run, so they never touch the end-to-end figures): a teacher-forced op-level
-check (each quantizer's ONNX nodes run alone on exactly the input PyTorch gave it),
-quantizer outputs on a different level than the referee's, and free-running SQNR.
+check (each quantizer's ONNX nodes run alone on exactly the input PyTorch gave it), the
+teacher-forced segment check (the graph cut at every quantizer and fed PyTorch's quantized
+values, so every other node runs on exactly PyTorch's inputs, against the float64 referee
+forced the same way), quantizer outputs on a different level than the referee's, and
+free-running SQNR.
 The verdict is in ``verdict.py``.
 """
 
@@ -33,7 +36,7 @@ from .calib import CalibData
 from .checkpoint import Checkpoint
 from .errors import QConvertError
 from .export.onnx_export import output_leaves
-from .graph import scope_inputs, with_extra_outputs
+from .graph import cut, scope_inputs, with_extra_outputs
 from .manifest import LayerRecord, act_value, out_value
 from .preprocess import prepare_inputs
 from .quant import quantized_layers
@@ -120,6 +123,35 @@ class LayerReport:
 
 
 @dataclass
+class SegmentReport:
+    """The float nodes that compute one value between quantizers (a quantizer's input, ASQ's
+    beta, a model output), run teacher-forced: on PyTorch's quantized values, in ONNX, in
+    PyTorch float32 and in the float64 referee."""
+
+    value: str  # its ONNX name
+    layer: str | None  # the layer whose quantizer reads it; None: a model output
+    part: str  # "input" or "beta" of the layer's quantizer, or the output's name
+    elements: int = 0
+    max_abs_value: float = 0.0  # of the referee's value
+    onnx_mean_diff: float = 0.0  # mean |ONNX - referee|
+    torch_mean_diff: float = 0.0  # mean |PyTorch fp32 - referee|
+    onnx_max_diff: float = 0.0
+    torch_max_diff: float = 0.0
+    # Quantizer inputs: elements ONNX's quantizer puts on another level than PyTorch's
+    # although both computed them from the same values (where free-running flips start),
+    # and how close the referee's value is to the level boundary there (in float32 ulps of
+    # the value; the boundary lies between ONNX's and PyTorch's values).
+    seed_flips: int = 0
+    seed_ties: int = 0  # of those on a rounding tie (see _SegmentChecker.finish)
+    seed_max_ulps: float = 0.0
+    name: str = ""  # "<layer> input", "<layer> beta", or the output's name
+
+    def __post_init__(self) -> None:
+        self.name = self.name or (self.part if self.layer is None
+                                  else f"{self.layer} {self.part}")
+
+
+@dataclass
 class Report:
     samples: int
     runtime: str
@@ -152,6 +184,7 @@ class Report:
     diagnosis: str = ""
     first_departure: str | None = None
     layers: list[LayerReport] = field(default_factory=list)
+    segments: list[SegmentReport] = field(default_factory=list)  # teacher-forced, per-layer pass
     abs_diffs: list[float] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict:
@@ -281,18 +314,24 @@ def _count_differences(got: np.ndarray, want: np.ndarray) -> int:
     return int((~((got == want) | (np.isnan(got) & np.isnan(want)))).sum())
 
 
-def level_flips(got: np.ndarray, referee: np.ndarray) -> int:
-    """Quantizer outputs on a different level than the referee's (see SAME_LEVEL_RTOL)."""
+def other_level(got: np.ndarray, referee: np.ndarray) -> np.ndarray:
+    """Where quantizer outputs sit on a different level than the referee's (see
+    SAME_LEVEL_RTOL)."""
     got = got.astype(np.float64)
-    same = np.abs(got - referee) <= SAME_LEVEL_RTOL * np.maximum(np.abs(got), np.abs(referee))
-    return int((~same).sum())
+    return ~(np.abs(got - referee) <= SAME_LEVEL_RTOL * np.maximum(np.abs(got),
+                                                                   np.abs(referee)))
+
+
+def level_flips(got: np.ndarray, referee: np.ndarray) -> int:
+    """Quantizer outputs on a different level than the referee's."""
+    return int(other_level(got, referee).sum())
 
 
 class _Energy:
     """Running sums for mean |diff| and SQNR of one value against a reference."""
 
     def __init__(self) -> None:
-        self.signal = self.noise = self.abs_sum = 0.0
+        self.signal = self.noise = self.abs_sum = self.max_diff = self.max_want = 0.0
         self.count = 0
 
     def add(self, got: np.ndarray, want: np.ndarray) -> None:
@@ -301,6 +340,9 @@ class _Energy:
         self.noise += float((diff ** 2).sum())
         self.abs_sum += float(np.abs(diff).sum())
         self.count += diff.size
+        if diff.size:  # fmax: a NaN (counted in the sums) leaves the maxima as they are
+            self.max_diff = float(np.fmax(self.max_diff, np.abs(diff).max()))
+            self.max_want = float(np.fmax(self.max_want, np.abs(want).max()))
 
     def mean(self) -> float | None:
         return self.abs_sum / self.count if self.count else None
@@ -389,6 +431,137 @@ class _LayerChecker:
             report.onnx_out_mean_diff = onnx_out.mean()
             report.torch_out_sqnr_db, report.onnx_out_sqnr_db = torch_out.sqnr(), onnx_out.sqnr()
         return list(self.reports.values())
+
+
+@contextlib.contextmanager
+def _forced(model: torch.nn.Module, captured: dict[str, torch.Tensor]):
+    """Every activation quantizer of ``model`` returns PyTorch's quantized value from
+    ``captured`` (in the model's dtype): the float nodes between quantizers then run on
+    exactly PyTorch's inputs."""
+    def forcing(name: str):
+        return lambda _, __, output: captured[act_value(name)].to(output.dtype)
+    handles = [layer.act_quant.register_forward_hook(forcing(name))
+               for name, layer in quantized_layers(model)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class _SegmentChecker:
+    """The teacher-forced segment check: the ONNX graph cut at every activation quantizer
+    (``graph.cut``), each cut fed PyTorch's quantized value, each quantizer input, ASQ beta
+    and model output returned; compared, as PyTorch float32's values are, with the float64
+    referee forced the same way (``_forced``)."""
+
+    def __init__(self, model: onnx.ModelProto, layers: _LayerChecker, make_session) -> None:
+        records = [rec for rec in layers.records.values() if rec.act_nodes]
+        self.quantizer_sessions = layers.sessions
+        self.session = make_session(cut(model, [n for rec in records for n in rec.act_nodes]))
+        self.fed = _fed_captures(model, records, self.session.input_names)
+        self.outputs = [o.name for o in model.graph.output]
+        self.segments = {value: SegmentReport(value, layer, part)
+                         for value, (layer, part) in _probed_values(model, records).items()
+                         if value in self.session.output_names}
+        self.segments.update({v: SegmentReport(v, None, v) for v in self.outputs
+                              if v in self.session.output_names})
+        self.energy = {value: (_Energy(), _Energy()) for value in self.segments}
+        # per segment, each seed's (referee's distance to the boundary, float32 ulp there)
+        self.seed_distances: dict[str, list[tuple[float, float]]] = {}
+
+    def add(self, x: torch.Tensor, captured: dict[str, torch.Tensor], torch_out: list,
+            forced: dict[str, torch.Tensor], forced_out: list) -> None:
+        """One batch: PyTorch's values (``captured``, ``torch_out``) and the forced referee's
+        (``forced``, ``forced_out``)."""
+        feeds = {value: captured[key].numpy() for value, key in self.fed.items()}
+        feeds[self.session.input_names[0]] = x.numpy()
+        values = {**feeds, **dict(zip(self.session.output_names, self.session.run(feeds),
+                                      strict=True))}
+        for value, seg in self.segments.items():
+            want, ref = self._pytorch_and_referee(seg, captured, torch_out, forced, forced_out)
+            got = values[value]
+            if got.size != want.size:  # a wrongly wired graph: nothing to compare, it fails
+                self.energy[value][0].add(np.full(want.shape, np.nan), ref)
+                continue
+            want, ref = want.reshape(got.shape), ref.reshape(got.shape)
+            onnx_energy, torch_energy = self.energy[value]
+            onnx_energy.add(got, ref)
+            torch_energy.add(want, ref)
+            if seg.part == "input" and seg.layer in self.quantizer_sessions:
+                self._seeds(seg, values, captured, forced)
+
+    def _pytorch_and_referee(self, seg, captured, torch_out, forced, forced_out):
+        if seg.layer is None:
+            index = self.outputs.index(seg.value)
+            return torch_out[index], forced_out[index]
+        key = f"{seg.layer}/{'beta' if seg.part == 'beta' else 'act_in'}"
+        return captured[key].numpy(), forced[key].numpy()
+
+    def _seeds(self, seg: SegmentReport, values: dict, captured, forced) -> None:
+        """Elements where ONNX's quantizer, on ONNX's segment result, takes another level than
+        PyTorch's did: level flips that start here rather than arrive from upstream."""
+        sess = self.quantizer_sessions[seg.layer]
+        q_onnx = sess.run({n: values[n] for n in sess.input_names})[0]
+        q_torch = captured[act_value(seg.layer)].numpy()
+        seeds = other_level(q_onnx, q_torch.reshape(q_onnx.shape)).reshape(-1)
+        if not seeds.any():
+            return
+        seg.seed_flips += int(seeds.sum())
+        q_ref = forced[act_value(seg.layer)].numpy().reshape(-1)[seeds]
+        x_ref = forced[f"{seg.layer}/act_in"].numpy().reshape(-1)[seeds]
+        x_onnx = values[seg.value].reshape(-1)[seeds]
+        x_torch = captured[f"{seg.layer}/act_in"].numpy().reshape(-1)[seeds]
+        # The boundary lies between ONNX's and PyTorch's values: the one on another level
+        # than the referee's bounds the referee's distance to it.
+        other = np.where(other_level(q_onnx.reshape(-1)[seeds], q_ref), x_onnx, x_torch)
+        ulp = np.spacing(np.abs(x_ref).astype(np.float32)).astype(np.float64)
+        self.seed_distances.setdefault(seg.value, []).extend(
+            zip(np.abs(other - x_ref).tolist(), ulp.tolist(), strict=True))
+
+    def finish(self) -> list[SegmentReport]:
+        for value, seg in self.segments.items():
+            onnx_energy, torch_energy = self.energy[value]
+            seg.elements = onnx_energy.count
+            seg.max_abs_value = onnx_energy.max_want
+            seg.onnx_mean_diff = onnx_energy.mean() or 0.0
+            seg.torch_mean_diff = torch_energy.mean() or 0.0
+            seg.onnx_max_diff, seg.torch_max_diff = onnx_energy.max_diff, torch_energy.max_diff
+            seeds = self.seed_distances.get(value, [])
+            # A tie: any float32 evaluation could round the referee's value either way; the
+            # last rounding alone moves it by up to an ulp, the segment's sums by up to
+            # PyTorch's largest error there.
+            seg.seed_ties = sum(d <= max(seg.torch_max_diff, ulp) for d, ulp in seeds)
+            seg.seed_max_ulps = max((d / ulp for d, ulp in seeds), default=0.0)
+        return list(self.segments.values())
+
+
+def _fed_captures(model: onnx.ModelProto, records: list[LayerRecord],
+                  inputs: list[str]) -> dict[str, str]:
+    """Each input of the cut graph (but the model's own) -> the capture that feeds it: the
+    quantized value of the layer whose quantizer made it."""
+    nodes = {n.name: n for n in model.graph.node}
+    made_by = {o: rec.name for rec in records for name in rec.act_nodes
+               for o in nodes[name].output}
+    own = {i.name for i in model.graph.input}
+    unknown = [i for i in inputs if i not in own and i not in made_by]
+    if unknown:
+        raise QConvertError(f"the graph cut at the quantizers has inputs no quantizer makes "
+                            f"({', '.join(unknown)}); re-export the model with qconvert export")
+    return {i: act_value(made_by[i]) for i in inputs if i not in own}
+
+
+def _probed_values(model: onnx.ModelProto, records: list[LayerRecord]
+                   ) -> dict[str, tuple[str, str]]:
+    """Each value a quantizer reads -> (layer, "input" or "beta"): ASQ's beta is what its
+    adapter nodes make."""
+    nodes = {n.name: n for n in model.graph.node}
+    probed: dict[str, tuple[str, str]] = {}
+    for rec in records:
+        beta = {o for name in rec.adapter_nodes for o in nodes[name].output}
+        for value in scope_inputs(model.graph, [nodes[n] for n in rec.act_nodes]):
+            probed.setdefault(value, (rec.name, "beta" if value in beta else "input"))
+    return probed
 
 
 def _topk(logits: np.ndarray, k: int) -> np.ndarray:
@@ -486,22 +659,21 @@ def validate(
         report.detection = _detection(ckpt, shapes, names, t, o, r, variants)
     report.degenerate = _degenerate(t, report.zero_quantizers) + _no_detections(report)
     if per_layer is not False:
-        limit = None if per_layer else PER_LAYER_SUBSET
-        report.layers, report.per_layer_samples = _per_layer(
-            ckpt, model, data, make_session, batch_size, limit, twin)
-        report.level_flips = {
-            "torch": sum(layer.torch_level_flips for layer in report.layers),
-            "onnx": sum(layer.onnx_level_flips for layer in report.layers),
-            "elements": sum(layer.level_elements for layer in report.layers)}
+        attach_per_layer(report, ckpt, model, data, make_session, batch_size,
+                         None if per_layer else PER_LAYER_SUBSET, twin)
     return report
 
 
 def _per_layer(ckpt, model, data, make_session, batch_size, limit, twin):
-    """The per-layer pass, in its own session with the per-layer values as extra outputs."""
+    """The per-layer pass, in its own sessions: the per-layer values as extra outputs, and
+    (exact mode) the graph cut at the quantizers for the segment check."""
+    # The twin first: a deep copy made later would carry the PyTorch model's capture hooks.
+    twin = twin if twin is not None else float64_twin(ckpt.model)
     checker = _LayerChecker(model, ckpt.model, make_session)
+    segments = None if is_integer_model(model) else _SegmentChecker(model, checker,
+                                                                    make_session)
     session = make_session(with_extra_outputs(model, list(checker.watched)))
     captures = _Captures(ckpt.model)
-    twin = twin if twin is not None else float64_twin(ckpt.model)
     referee_captures = _Captures(twin)
     names = [session.output_names[0]] + [n for n in checker.watched
                                          if n != session.output_names[0]]
@@ -509,16 +681,37 @@ def _per_layer(ckpt, model, data, make_session, batch_size, limit, twin):
     try:
         for x in _batches(data, ckpt, batch_size, limit):
             with torch.no_grad():
-                ckpt.model(x)
+                torch_out = flat_outputs(ckpt.model(x))
                 twin(as_referee_input(x))
+                referee = dict(referee_captures.values)
+                if segments is not None:  # before ONNX Runtime's threads spin on the cores
+                    with _forced(twin, captures.values):
+                        forced_out = flat_outputs(twin(as_referee_input(x)))
             results = dict(zip(names, _onnx_outputs(session, x, names), strict=True))
             checker.teacher_forced(captures.values)
-            checker.free_running(results, captures.values, referee_captures.values)
+            checker.free_running(results, captures.values, referee)
+            if segments is not None:
+                segments.add(x, captures.values, torch_out, referee_captures.values,
+                             forced_out)
             samples += len(x)
     finally:
         captures.close()
         referee_captures.close()
-    return checker.finish(), samples
+    return checker.finish(), segments.finish() if segments is not None else [], samples
+
+
+def attach_per_layer(report: Report, ckpt: Checkpoint, model: onnx.ModelProto,
+                     data: CalibData, make_session: Callable[[onnx.ModelProto], Session],
+                     batch_size: int = 64, limit: int | None = None,
+                     twin: torch.nn.Module | None = None) -> Report:
+    """Run the per-layer pass on the first ``limit`` samples (all: None) into ``report``."""
+    report.layers, report.segments, report.per_layer_samples = _per_layer(
+        ckpt, model, data, make_session, batch_size, limit, twin)
+    report.level_flips = {
+        "torch": sum(layer.torch_level_flips for layer in report.layers),
+        "onnx": sum(layer.onnx_level_flips for layer in report.layers),
+        "elements": sum(layer.level_elements for layer in report.layers)}
+    return report
 
 
 def is_class_logits(shape: list[int]) -> bool:

@@ -125,8 +125,8 @@ def test_lsq_boundary_case_passes_against_the_referee(zoo, calib_npz, tmp_path):
     report = read_report(report_path)
     assert report["verdict"] == "PASS"
     assert all(layer["op_mismatches"] == 0 for layer in report["layers"])
-    assert {c["name"] for c in report["checks"]} == {"finite", "op_exact", "referee_mean",
-                                                     "referee_top1"}
+    assert {c["name"] for c in report["checks"]} == {"finite", "op_exact", "segments",
+                                                     "referee_mean", "referee_top1"}
 
 
 @pytest.mark.parametrize("runtime", ["function", "reference"])
@@ -343,8 +343,8 @@ def test_default_verdict_uses_the_referee_not_a_fixed_bound(zoo, calib_npz, tmp_
     report = read_report(report_path)
     assert report["thresholds"]["max_abs_diff"] is None
     assert report["thresholds"]["min_agreement"] is None
-    assert [c["name"] for c in report["checks"]] == ["finite", "op_exact", "referee_mean",
-                                                     "referee_top1"]
+    assert [c["name"] for c in report["checks"]] == ["finite", "op_exact", "segments",
+                                                     "referee_mean", "referee_top1"]
     relative = run_validate(zoo, "digits-post", "--calib", calib_npz, "--max-rel-diff", 1e-4,
                             "--report", report_path)
     report = read_report(report_path)

@@ -59,10 +59,12 @@ def _inits_equal_to(model: onnx.ModelProto, node_names: list[str],
     return found
 
 
-def _validate(zoo, key: str, model: onnx.ModelProto, tmp_path, data) -> tuple[object, dict]:
+def _validate(zoo, key: str, model: onnx.ModelProto, tmp_path, data,
+              *extra) -> tuple[object, dict]:
     path, report = tmp_path / "faulty.onnx", tmp_path / "r.json"
     onnx.save(model, str(path))
-    result = invoke(["validate", zoo.case(key).path, path, "--calib", data, "--report", report])
+    result = invoke(["validate", zoo.case(key).path, path, "--calib", data, "--report", report,
+                     *extra])
     return result, json.loads(report.read_text()) if report.exists() else {}
 
 
@@ -236,3 +238,78 @@ def test_activation_step_scaled_fails_naming_the_layer(zoo, calib_npz, tmp_path)
         _replace_initializer(model, name, (array * np.float32(1.001)).astype(np.float32))
     result, report = _validate(zoo, key, model, tmp_path, calib_npz)
     _assert_fails_naming(result, report, layer)
+
+
+# ------------------------------------------------------------- 6: faults between quantizers
+# Only the teacher-forced segment check sees these layer by layer: the graph is cut at every
+# quantizer and fed PyTorch's quantized values, so a wrong float node shows at the next
+# quantizer's input whatever the network does with it downstream.
+
+
+def _failed_checks(report: dict) -> set[str]:
+    return {c["name"] for c in report["checks"] if not c["passed"]}
+
+
+def _segment(report: dict, name: str) -> dict:
+    return next(s for s in report["segments"] if s["name"] == name)
+
+
+def test_batchnorm_epsilon_on_rounding_ties_fails_the_segment_check(zoo, calib_npz, tmp_path):
+    """digits-lsq's layers sit on rounding ties (conftest BOUNDARY_REASON): its float32
+    evaluations spread so far end to end that an epsilon of 1e-3 (Keras' default) for the
+    first BatchNorm stays inside the referee_mean envelope. Teacher-forced, it is far
+    outside float32 rounding at the input of features.3, the quantizer that BatchNorm feeds."""
+    key = "digits-lsq"
+    model = _copy(zoo.onnx_model(key))
+    bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    bn.attribute.append(helper.make_attribute("epsilon", 1e-3))
+    result, report = _validate(zoo, key, model, tmp_path, calib_npz)
+    _assert_fails_naming(result, report, "features.3")
+    assert _failed_checks(report) == {"segments"}
+    seg = _segment(report, "features.3 input")
+    assert seg["onnx_mean_diff"] > 100 * seg["torch_mean_diff"]
+
+
+def test_tampered_batchnorm_scale_fails_naming_the_next_layer(zoo, calib_npz, tmp_path):
+    """One channel's BatchNorm scale x 1.01 in the BatchNorm after features.3's conv: the
+    quantizer it feeds is features.7's (conv, BN, ReLU, max pool, then features.7)."""
+    key = "digits-lcq"
+    model = _copy(zoo.onnx_model(key))
+    bns = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+    scale = numpy_helper.to_array(_initializers(model)[bns[1].input[1]]).copy()
+    scale[0] *= np.float32(1.01)
+    _replace_initializer(model, bns[1].input[1], scale)
+    result, report = _validate(zoo, key, model, tmp_path, calib_npz)
+    _assert_fails_naming(result, report, "features.7")
+    assert "segments" in _failed_checks(report) and "op_exact" not in _failed_checks(report)
+    (check,) = [c for c in report["checks"] if c["name"] == "segments"]
+    assert "features.7 input: ONNX" in check["detail"]
+    assert check["detail"].count(": ONNX ") == 1  # that segment alone
+
+
+def _producer(model: onnx.ModelProto, value: str) -> onnx.NodeProto:
+    return next(n for n in model.graph.node if value in n.output)
+
+
+def _quantizer_input(model: onnx.ModelProto, layer: str) -> str:
+    first = _layer(model, layer).act_nodes[0]
+    return next(n for n in model.graph.node if n.name == first).input[0]
+
+
+def test_rewired_residual_add_fails_naming_the_next_layer(zoo, calib_npz, tmp_path):
+    """ResNet-20's block layers.1 adds its input (identity shortcut) to its conv branch;
+    rewired to add block layers.0's input instead (same shape), the sum is wrong from the
+    first sample on, and the first quantizer that reads it is layers.2.conv1's."""
+    key = "resnet20-lcq"
+    model = _copy(zoo.onnx_model(key))
+    relu = _producer(model, _quantizer_input(model, "layers.2.conv1"))
+    add = _producer(model, relu.input[0])
+    assert add.op_type == "Add"
+    block_input = _quantizer_input(model, "layers.1.conv1")
+    (slot,) = [i for i, v in enumerate(add.input) if v == block_input]
+    add.input[slot] = _quantizer_input(model, "layers.0.conv1")
+    result, report = _validate(zoo, key, model, tmp_path, calib_npz, "--resize")
+    _assert_fails_naming(result, report, "layers.2.conv1")
+    assert "segments" in _failed_checks(report) and "op_exact" not in _failed_checks(report)
+    assert not _segment(report, "layers.1.conv2 input")["onnx_mean_diff"] > 1e-3
+    assert _segment(report, "layers.2.conv1 input")["onnx_mean_diff"] > 1e-3
