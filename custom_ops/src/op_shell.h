@@ -4,6 +4,7 @@
 #include <onnxruntime_cxx_api.h>
 
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "errors.h"
@@ -35,6 +36,14 @@ struct StatusKernel : K {
 // checks both); raise this with the Python op set.
 constexpr int kDomainVersion = 3;
 
+// K::kOutputType when K declares one, else float32 (every op before QConvClamp).
+template <class K, class = void>
+struct OutputTypeOf : std::integral_constant<ONNXTensorElementDataType,
+                                             ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT> {};
+template <class K>
+struct OutputTypeOf<K, std::void_t<decltype(K::kOutputType)>>
+    : std::integral_constant<ONNXTensorElementDataType, K::kOutputType> {};
+
 template <class K>
 struct KernelOp : Ort::CustomOpBase<KernelOp<K>, StatusKernel<K>, /*WithStatus=*/true> {
   KernelOp() {
@@ -46,7 +55,7 @@ struct KernelOp : Ort::CustomOpBase<KernelOp<K>, StatusKernel<K>, /*WithStatus=*
   size_t GetInputTypeCount() const { return K::kInputTypes.size(); }
   ONNXTensorElementDataType GetInputType(size_t i) const { return K::kInputTypes[i]; }
   size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return OutputTypeOf<K>::value; }
 
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
     NodeRef ref = MakeNodeRef(K::kName, info);
