@@ -271,6 +271,7 @@ def test_refuses_bad_constants(what, message):
     ((4, 8, 8), "X must be [N, C, H, W]"),
     ((1, 4, 1, 8), "is smaller than the kernel [3, 3] after padding"),
     ((1, 4, 0, 8), "is smaller than the kernel"),
+    ((1, 4, 4100, 4100), "needs a scratch buffer above 64 MiB"),  # 67 MB of codes
 ])
 def test_refuses_bad_inputs_at_run_time(x_shape, message):
     w, b, s = _weights()

@@ -53,7 +53,8 @@ constexpr int64_t kMaxStride = 4;
 // acc + bias inside int32.
 constexpr int64_t kMaxReduction = int64_t{1} << 15;
 constexpr int64_t kMaxBias = int64_t{1} << 30;
-constexpr int64_t kMaxBufferWords = int64_t{1} << 26;  // scratch bound: 256 MiB
+// Scratch bound: 64 MiB of input words (and at most 2^24 output positions' offsets).
+constexpr int64_t kMaxBufferWords = int64_t{1} << 24;
 
 // One run's geometry, from the attributes and X's shape.
 struct Geometry {
@@ -220,7 +221,7 @@ class QConvClampKernel : public KernelBase {
     g.jp = (padded_w + sw_ - 1) / sw_;
     g.plane = g.rows * sw_ * g.jp;
     if (g.cq * g.plane > kMaxBufferWords) {
-      ref().Fail("X " + ShapeString(shape) + " needs a scratch buffer above 256 MiB");
+      ref().Fail("X " + ShapeString(shape) + " needs a scratch buffer above 64 MiB");
     }
     return g;
   }
