@@ -13,7 +13,9 @@ run interleaved, so all see the same machine state: fp32, plain, session and
 plain-ort-cpu (a plain session of ``export --optimize-for cpu``'s file) with ORT's default
 optimizations, and fp32 and plain again with the NCHWc layout transformer
 disabled. Printed: median and minimum latency with their ratios to fp32 (on a busy shared
-machine the minimum shows the undisturbed cost), and the machine's load average.
+machine the minimum shows the undisturbed cost), and the machine's load average. ``--clock cpu``
+times this thread's CPU time instead of wall time (one intra-op thread runs in the calling
+thread), which other processes on the machine disturb far less.
 
 ``--lib OTHER.so`` (repeatable) adds a plain session using another build of the
 library, interleaved with the rest: the way to compare two builds on a busy
@@ -82,7 +84,7 @@ def input_for(sess: ort.InferenceSession, batch: int) -> dict[str, np.ndarray]:
 
 
 def latency_table(sessions: dict[str, Callable], batch: int, reps: int,
-                  shape: list[int]) -> None:
+                  shape: list[int], clock: Callable[[], float] = time.perf_counter) -> None:
     x = np.random.default_rng(0).random([batch, *shape[1:]], dtype=np.float32)
     for run in sessions.values():  # warm-up: arena growth, pre-packing
         run(x)
@@ -92,11 +94,12 @@ def latency_table(sessions: dict[str, Callable], batch: int, reps: int,
     load = os.getloadavg()[0]
     for rep in range(reps):
         for k in order if rep % 2 == 0 else reversed(order):
-            start = time.perf_counter()
+            start = clock()
             sessions[k](x)
-            times[k].append(time.perf_counter() - start)
+            times[k].append(clock() - start)
     base, fastest = statistics.median(times["fp32"]), min(times["fp32"])
-    print(f"batch {batch}, {reps} interleaved runs: median, ratio; minimum, ratio "
+    kind = "cpu" if clock is time.thread_time else "wall"
+    print(f"batch {batch}, {reps} interleaved runs ({kind} time): median, ratio; minimum, ratio "
           f"(load average {load:.2f} -> {os.getloadavg()[0]:.2f})")
     for k, v in times.items():
         med = statistics.median(v)
@@ -148,6 +151,13 @@ def main() -> None:
         help="runs per batch size (one value, or one per batch size)",
     )
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: this thread's CPU time (one intra-op thread runs in the calling thread), "
+        "robust to other processes on a shared machine",
+    )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument(
         "--lib",
@@ -166,6 +176,9 @@ def main() -> None:
     reps = args.reps * len(args.batches) if len(args.reps) == 1 else args.reps
     if len(reps) != len(args.batches):
         parser.error("--reps needs one value or one per --batches value")
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu measures the calling thread: use it with --threads 1")
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     if native.library_path() is None:
         sys.exit("libqconvert_ops.so not built: run `make ops`")
 
@@ -197,7 +210,7 @@ def main() -> None:
         sessions["plain-nonchwc"] = runner(make_session(q, True, False, args.threads))
     shape = [1, *ckpt.input.shape]
     for batch, n in zip(args.batches, reps, strict=True):
-        latency_table(sessions, batch, n, shape)
+        latency_table(sessions, batch, n, shape, clock)
     if args.profile:
         for batch, n in zip(args.batches, reps, strict=True):
             profile_table(q, batch, n, args.threads)

@@ -32,7 +32,7 @@ from .checkpoint import Checkpoint
 from .errors import QConvertError
 from .export.onnx_export import export_checkpoint, quiet_exporter
 from .inspect_model import inspect_model
-from .native import library_path, register
+from .native import QUIET_LOGS, library_path, register
 from .preprocess import prepare_inputs
 from .runtime import session
 
@@ -120,7 +120,7 @@ def plain_session(path: Path | str, threads: int, library: bool = True) -> ort.I
     """The file as ONNX Runtime loads it for any user: default optimizations, the native
     library registered (``library``), no qconvert code in between."""
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = QUIET_LOGS
     if threads:
         options.intra_op_num_threads = threads
     if library:

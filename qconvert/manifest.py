@@ -9,6 +9,8 @@ An exported model is a standard ONNX file with
   ``L/weight`` and its output ``L/out`` as value names (a value that is a graph output
   keeps the graph output's name; a quantizer the exporter merged with an identical twin
   has no value of its own);
+- ``value_info`` with the type and shape of every qconvert op's output that is not a graph
+  output (runtimes cannot infer through a custom op; see ``annotate_custom_op_shapes``);
 - metadata (``metadata_props``) under the keys of :class:`Key`; ``qconvert_layers`` holds
   one :class:`LayerRecord` per quantized layer as JSON.
 

@@ -1,7 +1,7 @@
 """Locating and registering the native ONNX Runtime kernels (``custom_ops/``).
 
 The library registers the ``qconvert`` domain ops (CompandQuant, AdaptiveStep,
-LutGather, Pow2Shift, UniformQuant) with a session. ``pip install`` builds it
+LutGather, Pow2Shift, UniformQuant, SampleMaxQuant) with a session. ``pip install`` builds it
 and ships it inside the package; in a source checkout ``make ops`` also builds
 it into ``custom_ops/build`` (with the C++ runner and the sanitizer variant).
 """
@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Any
 
 ENV_VAR = "QCONVERT_OPS_LIB"
+# SessionOptions.log_severity_level for qconvert's sessions: ONNX Runtime logs a failing
+# kernel on stderr before raising, and qconvert reports that error itself in one line, so
+# only ORT's fatal messages go through.
+QUIET_LOGS = 4
 _LIB_NAME = "libqconvert_ops.so"
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _DEV_BUILD = _PACKAGE_DIR.parent / "custom_ops" / "build" / _LIB_NAME

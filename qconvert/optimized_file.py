@@ -61,7 +61,7 @@ def cpu_signature() -> str:
 def _options(level: ort.GraphOptimizationLevel | None = None,
              save_to: Path | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = native.QUIET_LOGS
     native.register(options)
     if level is not None:
         options.graph_optimization_level = level

@@ -71,7 +71,7 @@ def _check_feeds(feeds, input_names: list[str]) -> None:
 
 def _options(runtime: str, threads: int) -> ort.SessionOptions:
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = native.QUIET_LOGS
     if threads:
         options.intra_op_num_threads = threads
     if runtime == "native":

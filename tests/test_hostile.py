@@ -3,6 +3,9 @@ refusal with exit code 2, never a wrong model or a traceback."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import onnx
 import pytest
 import torch
@@ -10,7 +13,7 @@ import torch
 from qconvert import QConvertError, load_checkpoint, save_checkpoint
 from qconvert.quant import quantize_model
 
-from .conftest import assert_one_line_error, invoke
+from .conftest import PROGRESS_LABELS, assert_one_line_error, invoke
 
 
 def _checkpoint(tmp_path, builder: str) -> str:
@@ -156,3 +159,28 @@ def test_broken_checkpoint_is_one_line_naming_file_and_problem(zoo, tmp_path, na
     message = assert_one_line_error(invoke(["export", str(bad), "--out", str(out)]))
     assert str(bad) in message and expected in message, message
     assert not out.exists()
+
+
+def _truncate_table(model: onnx.ModelProto) -> None:
+    node = next(n for n in model.graph.node if n.op_type == "LutGather")
+    init = next(i for i in model.graph.initializer if i.name == node.input[1])
+    init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init)[:3], init.name))
+
+
+@pytest.mark.parametrize("edit", [_truncate_levels, _truncate_table], ids=["kernel", "folded"])
+def test_runtime_failure_is_one_line_on_the_real_stderr(zoo, calib_npz, tmp_path, edit):
+    """ONNX Runtime logs a failing kernel on the process's stderr (below Python, where
+    CliRunner does not look) before it raises: a separate process sees both."""
+    from qconvert.native import library_path
+
+    if library_path() is None:
+        pytest.skip("native library not built")
+    model = _edited(zoo, tmp_path, edit)
+    done = subprocess.run(
+        [sys.executable, "-c", "from qconvert.cli import main; main()", "validate",
+         str(zoo.case("digits-lcq").path), model, "--calib", str(calib_npz)],
+        capture_output=True, text=True, timeout=600)
+    lines = [line for line in done.stderr.splitlines()
+             if line.strip() and line.strip() not in PROGRESS_LABELS]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: ") and "Traceback" not in done.stderr

@@ -211,7 +211,8 @@ def _layer_record(model: onnx.ModelProto, layer: DeployedLayer,
 def _strip_exporter_annotations(model: onnx.ModelProto) -> None:
     """Drop what only the exporter needs (stack traces, scopes, shape annotations, attributes
     equal to their defaults): on a small model these would outweigh the packed weights.
-    Runtimes infer shapes themselves."""
+    Runtimes infer the shapes of standard ops themselves; annotate_custom_op_shapes then
+    records the few they cannot."""
     del model.graph.metadata_props[:]
     del model.graph.value_info[:]
     opset = next(o.version for o in model.opset_import if o.domain == "")
@@ -229,6 +230,22 @@ def _drop_default_attributes(node: onnx.NodeProto, opset: int) -> None:
                     and defaults[a.name].default_value == a)]
     del node.attribute[:]
     node.attribute.extend(keep)
+
+
+def annotate_custom_op_shapes(model: onnx.ModelProto) -> None:
+    """Record the shape of every qconvert op's output in ``value_info``.
+
+    A runtime cannot infer shapes through a custom op, so without these every value after
+    a quantizer has no shape, and ONNX Runtime's NCHWc layout pass, unable to prove that a
+    residual addition's two inputs match, keeps the addition and its ReLU out of the
+    convolution (reshapes, a separate Add and Relu per block). ONNX shape inference knows
+    them from the ops' schemas (qconvert.ops: shaped_like_x, shaped_by_attribute)."""
+    del model.graph.value_info[:]
+    inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    outputs = {o.name for o in model.graph.output}
+    model.graph.value_info.extend(
+        inferred[name] for node in model.graph.node if node.domain == DOMAIN
+        for name in node.output if name in inferred and name not in outputs)
 
 
 def _manifest(ckpt: Checkpoint, records: list[LayerRecord]) -> Manifest:
@@ -319,5 +336,6 @@ def export_checkpoint(ckpt: Checkpoint, out: str | Path, opset: int = 20,
     if outer_bits is not None:
         bits = outer_bits(model) if callable(outer_bits) else outer_bits
         model = to_integer(model, bits, calib=integer_calib)
+    annotate_custom_op_shapes(model)
     size = write_atomically(model, out, force)
     return ExportResult(out, model, layers, size)

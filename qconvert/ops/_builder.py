@@ -110,6 +110,20 @@ def int_attr(name: str, description: str, kind: str = "int",
     return onnx.defs.OpSchema.Attribute(name, attr_type, description, required=True)
 
 
+def shaped_like_x(schema: onnx.defs.OpSchema) -> onnx.defs.OpSchema:
+    """Give an elementwise op's schema its shape rule: Y has X's type and shape. Runtimes
+    cannot infer through a custom op; the exporter records these shapes in the file."""
+    return schema.set_type_and_shape_inference_function(
+        lambda ctx: ctx.set_output_type(0, ctx.get_input_type(0)))
+
+
+def shaped_by_attribute(schema: onnx.defs.OpSchema) -> onnx.defs.OpSchema:
+    """Give a decode op's schema its shape rule: float Y of the ``shape`` attribute."""
+    return schema.set_type_and_shape_inference_function(
+        lambda ctx: ctx.set_output_type(0, helper.make_tensor_type_proto(
+            onnx.TensorProto.FLOAT, list(ctx.get_attribute("shape").ints))))
+
+
 def register(schema: onnx.defs.OpSchema) -> None:
     """Register once per process (onnx refuses duplicates)."""
     try:

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import torch
 
-from ._builder import DOMAIN, QCONVERT, FunctionBuilder, float_param, int_attr
+from ._builder import DOMAIN, QCONVERT, FunctionBuilder, float_param, int_attr, shaped_like_x
 
 NAME = "AdaptiveStep"
 SINCE_VERSION = 1  # in the op set since its first version
@@ -15,14 +15,14 @@ ATTRIBUTES = ["bits", "signed"]
 
 
 def schema() -> onnx.defs.OpSchema:
-    return onnx.defs.OpSchema(
+    return shaped_like_x(onnx.defs.OpSchema(
         NAME, DOMAIN, SINCE_VERSION,
         "ASQ: y = clamp(round(x / (step * beta_n)), lo, hi) * (step * beta_n) per sample n.",
         inputs=[float_param("X", "activation, [N, ...]"), float_param("step", "base step, [1]"),
                 float_param("beta", "per-sample factor, [N]")],
         outputs=[float_param("Y", "quantized activation, shape of X")],
         attributes=[int_attr("bits", "2..8"), int_attr("signed", "0 or 1")],
-    )
+    ))
 
 
 def code_range(bits: int, signed: int) -> tuple[int, int]:

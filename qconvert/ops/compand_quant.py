@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import torch
 
-from ._builder import DOMAIN, QCONVERT, FunctionBuilder, float_param, int_attr
+from ._builder import DOMAIN, QCONVERT, FunctionBuilder, float_param, int_attr, shaped_like_x
 
 NAME = "CompandQuant"
 SINCE_VERSION = 1  # in the op set since its first version
@@ -17,7 +17,7 @@ DEFAULTS = {"mirror": 0, "clip": 0}
 
 
 def schema() -> onnx.defs.OpSchema:
-    return onnx.defs.OpSchema(
+    return shaped_like_x(onnx.defs.OpSchema(
         NAME, DOMAIN, SINCE_VERSION,
         "LCQ: compress by a piecewise-linear f, round uniformly, expand through a level table.",
         inputs=[float_param("X", "activation"), float_param("alpha", "clip, [1]"),
@@ -29,7 +29,7 @@ def schema() -> onnx.defs.OpSchema:
                     int_attr("mirror", "0 or 1: unsigned levels on |x|, sign restored",
                              default=0),
                     int_attr("clip", "0 or 1: |x| >= alpha gives exactly alpha", default=0)],
-    )
+    ))
 
 
 def check_attributes(bits: int, signed: int, mirror: int, clip: int) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import torch
 
-from ._builder import DOMAIN, QCONVERT, FunctionBuilder, float_param, int_attr
+from ._builder import DOMAIN, QCONVERT, FunctionBuilder, float_param, int_attr, shaped_by_attribute
 from .packing import unpack_codes, unpack_codes_np, unpack_codes_torch
 
 NAME = "LutGather"
@@ -19,14 +19,14 @@ ATTRIBUTES = ["bits", "shape"]
 
 
 def schema() -> onnx.defs.OpSchema:
-    return onnx.defs.OpSchema(
+    return shaped_by_attribute(onnx.defs.OpSchema(
         NAME, DOMAIN, SINCE_VERSION,
         "Y[i] = table[(channel of i,) code_i] for packed bits-bit codes; Y has the given shape.",
         inputs=[onnx.defs.OpSchema.FormalParameter("codes", "tensor(uint8)", "packed codes"),
                 float_param("table", "levels, [L] or [C, L]")],
         outputs=[float_param("Y", "decoded tensor of the given shape")],
         attributes=[int_attr("bits", "1..8"), int_attr("shape", "output shape", kind="ints")],
-    )
+    ))
 
 
 def _flat_index(codes, count: int, table_shape: tuple[int, ...]):

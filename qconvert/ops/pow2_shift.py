@@ -10,7 +10,7 @@ import onnx
 import torch
 
 from ..quant.pot import magnitude_table
-from ._builder import DOMAIN, QCONVERT, FunctionBuilder, float_param, int_attr
+from ._builder import DOMAIN, QCONVERT, FunctionBuilder, float_param, int_attr, shaped_by_attribute
 from .packing import unpack_codes, unpack_codes_np, unpack_codes_torch
 
 NAME = "Pow2Shift"
@@ -21,7 +21,7 @@ MAX_BITS = 8
 
 
 def schema() -> onnx.defs.OpSchema:
-    return onnx.defs.OpSchema(
+    return shaped_by_attribute(onnx.defs.OpSchema(
         NAME, DOMAIN, SINCE_VERSION,
         "Y = +-alpha_c * base^-(M - m) from packed sign + magnitude codes; base 2 or sqrt 2.",
         inputs=[onnx.defs.OpSchema.FormalParameter("codes", "tensor(uint8)", "packed codes"),
@@ -29,7 +29,7 @@ def schema() -> onnx.defs.OpSchema:
         outputs=[float_param("Y", "decoded tensor of the given shape")],
         attributes=[int_attr("bits", "2..8"), int_attr("root", "1: base 2, 2: base sqrt 2"),
                     int_attr("shape", "output shape", kind="ints")],
-    )
+    ))
 
 
 def _decode(codes, alpha, bits: int, root: int, count: int, xp):

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import torch
 
-from ._builder import DOMAIN, QCONVERT, FunctionBuilder, float_param, int_attr
+from ._builder import DOMAIN, QCONVERT, FunctionBuilder, float_param, int_attr, shaped_like_x
 
 NAME = "SampleMaxQuant"
 SINCE_VERSION = 3  # added in version 3 of the op set
@@ -17,13 +17,13 @@ ATTRIBUTES = ["bits", "signed"]
 
 
 def schema() -> onnx.defs.OpSchema:
-    return onnx.defs.OpSchema(
+    return shaped_like_x(onnx.defs.OpSchema(
         NAME, DOMAIN, SINCE_VERSION,
         "Per sample n: m = max(X[n]); y = ((round(x / m * Q) / Q * m) - x) + x, Q from bits.",
         inputs=[float_param("X", "activation, [N, ...] (rank >= 1)")],
         outputs=[float_param("Y", "quantized activation, shape of X")],
         attributes=[int_attr("bits", "2..8"), int_attr("signed", "0 or 1")],
-    )
+    ))
 
 
 def top_code(bits: int, signed: int) -> int:

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import torch
 
-from ._builder import DOMAIN, QCONVERT, FunctionBuilder, float_param, int_attr
+from ._builder import DOMAIN, QCONVERT, FunctionBuilder, float_param, int_attr, shaped_like_x
 from .adaptive_step import code_range
 
 NAME = "UniformQuant"
@@ -16,13 +16,13 @@ ATTRIBUTES = ["bits", "signed"]
 
 
 def schema() -> onnx.defs.OpSchema:
-    return onnx.defs.OpSchema(
+    return shaped_like_x(onnx.defs.OpSchema(
         NAME, DOMAIN, SINCE_VERSION,
         "LSQ: y = clamp(round(x / step), lo, hi) * step with one per-tensor step.",
         inputs=[float_param("X", "activation"), float_param("step", "step, [1]")],
         outputs=[float_param("Y", "quantized activation, shape of X")],
         attributes=[int_attr("bits", "2..8"), int_attr("signed", "0 or 1")],
-    )
+    ))
 
 
 def reference(x, step, *, bits: int, signed: int) -> np.ndarray:
