@@ -59,6 +59,7 @@ from qconvert import native  # noqa: E402
 from qconvert.bench import export_float, float_model  # noqa: E402
 from qconvert.export.integer import to_integer  # noqa: E402
 from qconvert.export.onnx_export import build_onnx  # noqa: E402
+from qconvert.ops import DOMAIN_VERSION  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,7 @@ def qconvert_model(layer: Layer, params: list[Params], ceiling: int) -> onnx.Mod
     x = helper.make_tensor_value_info("x", TensorProto.UINT8, [1, layer.c, layer.size, layer.size])
     graph = helper.make_graph(nodes, "qconvert", [x], outputs, inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20),
-                                                   helper.make_opsetid("qconvert", 3)])
+                                                   helper.make_opsetid("qconvert", DOMAIN_VERSION)])
 
 
 def session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -317,8 +318,11 @@ def with_qconv_clamp(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     nodes = [new.get(id(n), n) for n in g.node if id(n) not in drop]
     del g.node[:]
     g.node.extend(nodes)
-    if not any(o.domain == "qconvert" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("qconvert", 3))
+    imports = [o for o in model.opset_import if o.domain == "qconvert"]
+    if imports:
+        imports[0].version = DOMAIN_VERSION  # QConvClamp came with version 4
+    else:
+        model.opset_import.append(helper.make_opsetid("qconvert", DOMAIN_VERSION))
     # Orphaned DequantizeLinear nodes (weights, biases, codes read by nothing) and their
     # initializers go; ORT would prune them anyway, this keeps the file honest.
     onnx.checker.check_model(model)

@@ -6,7 +6,10 @@ mode runs today), and a numpy reference written here from the formula in the ker
 header (int64 sums, float32 requantization, round half to even). Both the AVX2 loops and
 the exact int32 loop (QCONVERT_OPS_PORTABLE=1, and codes whose single tap could overflow
 int16) are checked; tests/test_native_sanitizer.py runs this file under ASan+UBSan.
-The op is in the library only: the exporter does not write it yet (docs/integer-mode.md).
+The shared test vectors (qconvert.ops.vectors) run through tests/test_native_ops.py. The
+fuzz below stays here rather than in tests/test_native_fuzz.py: that harness feeds float
+activations to elementwise ops, this op takes uint8 codes and constant int8 weights whose
+shapes must agree with the input's.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+
+from qconvert.ops import DOMAIN_VERSION
 
 from .test_native_ops import NODE, session
 
@@ -62,7 +67,7 @@ def model(w, b, scale, attrs, *, x_shape=None, const_w=True) -> bytes:
     graph = helper.make_graph([node], "g", inputs,
                               [helper.make_tensor_value_info("Y", TensorProto.UINT8, None)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20),
-                                                   helper.make_opsetid("qconvert", 3)],
+                                                   helper.make_opsetid("qconvert", DOMAIN_VERSION)],
                              ir_version=10).SerializeToString()
 
 

@@ -67,9 +67,7 @@ struct Geometry {
 class QConvClampKernel : public KernelBase {
  public:
   static constexpr const char* kName = "QConvClamp";
-  // Served from the current op-set version; the Python op set (qconvert/ops) does not
-  // define it yet, so no exporter writes it (docs/integer-mode.md).
-  static constexpr int kSinceVersion = 3;
+  static constexpr int kSinceVersion = 4;  // the op set's version 4 added it
   static constexpr std::array<ONNXTensorElementDataType, 4> kInputTypes = {
       ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8,
       ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
