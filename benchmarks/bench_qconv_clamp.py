@@ -19,8 +19,9 @@ layer checks that QConvClamp gives QLinearConv + Clip's output to the bit on ran
 (4-bit activations 0..15 and weights -8..7; the stem reads 8-bit codes with |w| <= 64 as
 integer export writes them) and on a multiplier of 0.5, whose odd sums are exact ties.
 
-``--network CKPT``: the whole model. The integer-mode file (b' = 8) is rewritten here, in
-the benchmark, not by the exporter: every DequantizeLinear -> Conv [-> Relu] ->
+``--network CKPT``: the whole model. The integer-mode file (b' = 8) is rewritten as
+``qconvert export --mode integer --conv-kernel qconvert`` writes it
+(qconvert/export/integer/conv_kernel.py): every DequantizeLinear -> Conv [-> Relu] ->
 QuantizeLinear [-> Clip] becomes one QConvClamp on the codes (all convolutions, so that
 ORT's NHWC transformer leaves no QLinearConv to put Transposes around). The rewritten
 file must give the exported file's outputs to the bit on the calibration samples; then
@@ -40,7 +41,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx.utils
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
@@ -57,7 +57,7 @@ from bench_integer_ort import (  # noqa: E402
 
 from qconvert import native  # noqa: E402
 from qconvert.bench import export_float, float_model  # noqa: E402
-from qconvert.export.integer import to_integer  # noqa: E402
+from qconvert.export.integer import to_integer, with_qconv_clamp  # noqa: E402
 from qconvert.export.onnx_export import build_onnx  # noqa: E402
 from qconvert.ops import DOMAIN_VERSION  # noqa: E402
 
@@ -256,80 +256,6 @@ def time_layer(layer: Layer, rng: np.random.Generator, copies: int, rounds: int,
     return med
 
 
-def _const(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
-    for init in graph.initializer:
-        if init.name == name:
-            return numpy_helper.to_array(init)
-    return None
-
-
-def with_qconv_clamp(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """Every DQ(codes) -> Conv(DQ(w), DQ(b)) [-> Relu] -> Q [-> Clip] as one QConvClamp.
-    Returns the model and how many convolutions were replaced."""
-    g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
-    readers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
-    drop, new, replaced = set(), {}, 0
-    for conv in g.node:
-        if conv.op_type != "Conv" or len(conv.input) != 3:
-            continue
-        dq_x, dq_w, dq_b = (producer.get(i) for i in conv.input)
-        if not all(d is not None and d.op_type == "DequantizeLinear" for d in (dq_x, dq_w, dq_b)):
-            continue
-        x_scale, x_zp = _const(g, dq_x.input[1]), _const(g, dq_x.input[2])
-        w, w_scale = _const(g, dq_w.input[0]), _const(g, dq_w.input[1])
-        bias = _const(g, dq_b.input[0])
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in conv.attribute}
-        plain = attrs.get("group", 1) == 1 and all(d == 1 for d in attrs.get("dilations", [1]))
-        if x_zp is None or x_zp.dtype != np.uint8 or w is None or bias is None or not plain:
-            continue
-        chain, out = [conv], readers.get(conv.output[0], [])
-        relu = len(out) == 1 and out[0].op_type == "Relu"
-        if relu:
-            chain.append(out[0])
-            out = readers.get(out[0].output[0], [])
-        if len(out) != 1 or out[0].op_type != "QuantizeLinear":
-            continue
-        q = out[0]
-        chain.append(q)
-        y_scale, y_zp = _const(g, q.input[1]), _const(g, q.input[2])
-        zp = int(y_zp)
-        lo, hi, result = (zp if relu else 0), 255, q.output[0]
-        after = readers.get(q.output[0], [])
-        if len(after) == 1 and after[0].op_type == "Clip":
-            c_lo, c_hi = _const(g, after[0].input[1]), _const(g, after[0].input[2])
-            lo, hi, result = max(lo, int(c_lo)), min(hi, int(c_hi)), after[0].output[0]
-            chain.append(after[0])
-        # ORT's multiplier: x_scale * w_scale, then / y_scale, in float32.
-        mult = (np.float32(x_scale) * w_scale.astype(np.float32)) / np.float32(y_scale)
-        name = conv.name or conv.output[0]
-        g.initializer.append(numpy_helper.from_array(mult.astype(np.float32), f"{name}/qcc_scale"))
-        node = helper.make_node(
-            "QConvClamp", [dq_x.input[0], dq_w.input[0], dq_b.input[0], f"{name}/qcc_scale"],
-            [result], domain="qconvert", name=f"{name}/qcc",
-            strides=list(attrs.get("strides", [1, 1])), pads=list(attrs.get("pads", [0, 0, 0, 0])),
-            lo=lo, hi=hi, zero_point=zp, x_zero_point=int(x_zp))
-        new[id(chain[-1])] = node
-        drop.update(id(n) for n in chain[:-1])
-        replaced += 1
-    nodes = [new.get(id(n), n) for n in g.node if id(n) not in drop]
-    del g.node[:]
-    g.node.extend(nodes)
-    imports = [o for o in model.opset_import if o.domain == "qconvert"]
-    if imports:
-        imports[0].version = DOMAIN_VERSION  # QConvClamp came with version 4
-    else:
-        model.opset_import.append(helper.make_opsetid("qconvert", DOMAIN_VERSION))
-    # Orphaned DequantizeLinear nodes (weights, biases, codes read by nothing) and their
-    # initializers go; ORT would prune them anyway, this keeps the file honest.
-    onnx.checker.check_model(model)
-    return onnx.utils.Extractor(model).extract_model(
-        [i.name for i in g.input], [o.name for o in g.output]), replaced
-
-
 def bench_network(target: str, rounds: int, clock) -> None:
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
@@ -342,7 +268,8 @@ def bench_network(target: str, rounds: int, clock) -> None:
         integer = to_integer(exact, 8, calib=samples)
         onnx.save(integer, str(files["integer"]))
         convs = sum(n.op_type == "Conv" for n in integer.graph.node)
-        rewritten, replaced = with_qconv_clamp(integer)
+        rewritten = with_qconv_clamp(integer)  # what --conv-kernel qconvert writes
+        replaced = sum(n.op_type == "QConvClamp" for n in rewritten.graph.node)
         onnx.save(rewritten, str(files["integer_qconv_clamp"]))
         print(f"== {Path(target).stem}: {replaced} of {convs} convolutions as QConvClamp",
               flush=True)
