@@ -121,6 +121,8 @@ def _first_conv(model: onnx.ModelProto, skip: int = 0) -> onnx.NodeProto:
     ("float_output", "layer layers.0.conv1: its output is not requantized to uint8"),
     ("computed_weights", "layer layers.0.conv1: its weights are not constant int8 codes"),
     ("stride", "layer layers.0.conv1: strides [5, 5]"),
+    ("per_axis_input", "layer layers.0.conv1: its input is not uint8 codes with a constant "
+                       "per-tensor scale"),
 ])
 def test_refuses_naming_the_layer(resnet20, change, message):
     _, _, standard = resnet20
@@ -131,6 +133,11 @@ def test_refuses_naming_the_layer(resnet20, change, message):
         _set_attribute(conv, "group", 2)
     elif change == "stride":
         _set_attribute(conv, "strides", [5, 5])
+    elif change == "per_axis_input":  # as ASQ's per-sample steps are
+        producer = {o: n for n in model.graph.node for o in n.output}[conv.input[0]]
+        model.graph.initializer.append(onnx.numpy_helper.from_array(
+            np.ones(2, np.float32), "per_sample_scale"))
+        producer.input[1] = "per_sample_scale"
     elif change == "float_output":
         model.graph.output.append(helper.make_tensor_value_info(conv.output[0], 1, None))
     else:

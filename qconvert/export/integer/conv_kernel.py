@@ -61,6 +61,12 @@ class _Graph:
         return node, stored if stored is not None and stored.dtype == dtype else None
 
 
+def _per_tensor(g: _Graph, node: onnx.NodeProto, index: int) -> bool:
+    """``node``'s input ``index`` is a constant with one element."""
+    value = g.const(node.input[index]) if len(node.input) > index else None
+    return value is not None and value.size == 1
+
+
 def _refuse(layer: str, why: str) -> QConvertError:
     return QConvertError(f"--conv-kernel qconvert: layer {layer}: {why}; export without the "
                          "option (the standard QDQ convolutions)")
@@ -100,7 +106,8 @@ def _requantized_output(g: _Graph, layer: str, conv: onnx.NodeProto):
                              "(a float output)")
     chain.append(after)
     y_scale, y_zp = g.const(after.input[1]), g.const(after.input[2])
-    if y_scale is None or y_zp is None or y_zp.dtype != np.uint8 or y_zp.size != 1:
+    if y_scale is None or y_scale.size != 1 or y_zp is None or y_zp.dtype != np.uint8 or \
+            y_zp.size != 1:
         raise _refuse(layer, "its output grid is not a constant per-tensor uint8 one")
     zp = int(y_zp.reshape(-1)[0])
     lo, hi = (zp if relu else 0), 255
@@ -118,19 +125,23 @@ def conv_chain(g: _Graph, layer: str, conv: onnx.NodeProto) -> ConvChain:
     x = g.dequantized(conv.input[0], np.uint8)
     w = g.dequantized(conv.input[1], np.int8) if len(conv.input) > 1 else None
     b = g.dequantized(conv.input[2], np.int32) if len(conv.input) > 2 and conv.input[2] else None
-    if x is None or g.const(x[0].input[2]) is None or g.const(x[0].input[2]).size != 1:
-        raise _refuse(layer, "its input is not uint8 codes with a per-tensor zero point")
+    if x is None or not all(_per_tensor(g, x[0], i) for i in (1, 2)):
+        raise _refuse(layer, "its input is not uint8 codes with a constant per-tensor scale "
+                             "and zero point")
     if w is None or w[1] is None:
         raise _refuse(layer, "its weights are not constant int8 codes")
     if b is None or b[1] is None:
         raise _refuse(layer, "it has no constant int32 bias")
+    w_scale = g.const(w[0].input[1])
+    if w_scale is None or w_scale.size not in (1, w[1].shape[0]):
+        raise _refuse(layer, "its weight scale is not constant, per tensor or per channel")
     w_zp = g.const(w[0].input[2]) if len(w[0].input) > 2 else None
     if w_zp is not None and np.any(w_zp != 0):
         raise _refuse(layer, "its weight zero point is not 0")
     geometry = _geometry(layer, conv, w[1])
     chain, y_scale, (lo, hi, zp) = _requantized_output(g, layer, conv)
     x_scale = np.float32(g.const(x[0].input[1]).reshape(-1)[0])
-    w_scale = g.const(w[0].input[1]).astype(np.float32).reshape(-1)
+    w_scale = w_scale.astype(np.float32).reshape(-1)
     scale = ((x_scale * w_scale) / y_scale).astype(np.float32)  # ORT's order, in float32
     if scale.size == 1:
         scale = np.repeat(scale, w[1].shape[0])
