@@ -42,6 +42,16 @@ class FunctionBuilder:
                                            **attrs))
         return out
 
+    def node_with_refs(self, op_type: str, inputs: list[str], refs: dict[str, int]) -> str:
+        """A node whose attributes (name -> AttributeProto type) are the function's own
+        attributes of the same names."""
+        out = self._fresh(op_type.lower())
+        node = helper.make_node(op_type, inputs, [out], name=out)
+        for name, kind in refs.items():
+            node.attribute.append(helper.make_attribute_ref(name, kind))
+        self.nodes.append(node)
+        return out
+
     def const(self, value, dtype=np.float32) -> str:
         out = self._fresh("const")
         tensor = numpy_helper.from_array(np.asarray(value, dtype=dtype), out)

@@ -136,17 +136,6 @@ def reference(x, w, b, scale, *, strides, pads, lo: int, hi: int, zero_point: in
     return _requantize(total.astype(np.int32), scale, lo, hi, zero_point)
 
 
-def _ref_node(fb: FunctionBuilder, op_type: str, inputs: list[str],
-              refs: dict[str, int]) -> str:
-    """A node whose ``ints`` attributes come from the function's attributes of that name."""
-    out = fb._fresh(op_type.lower())
-    node = helper.make_node(op_type, inputs, [out], name=out)
-    for name, kind in refs.items():
-        node.attribute.append(helper.make_attribute_ref(name, kind))
-    fb.nodes.append(node)
-    return out
-
-
 def function(opset: int) -> onnx.FunctionProto:
     """QLinearConv with x_scale = y_scale = 1 and w_scale = scale (so ORT's multiplier
     float32(1 * scale) / 1 is scale itself), weight zero point 0, then Clip(lo, hi)."""
@@ -163,9 +152,9 @@ def function(opset: int) -> onnx.FunctionProto:
                      fb.all_of(fb.in_range(pads, 0, MAX_KERNEL - 1)),
                      fb.all_of(fb.node("Less", pads, fb.node("Concat", kernel, kernel, axis=0))))
     codes = [fb.node("Cast", value, to=TensorProto.UINT8) for value in (x_zp, zp, lo, hi)]
-    conv = _ref_node(fb, "QLinearConv",
-                     ["X", one, codes[0], "W", "scale", fb.const(0, np.int8), one, codes[1], "B"],
-                     {"strides": AttributeProto.INTS, "pads": AttributeProto.INTS})
+    conv = fb.node_with_refs(
+        "QLinearConv", ["X", one, codes[0], "W", "scale", fb.const(0, np.int8), one, codes[1], "B"],
+        {"strides": AttributeProto.INTS, "pads": AttributeProto.INTS})
     fb.nodes.append(helper.make_node("Clip", [conv, codes[2], codes[3]], ["Y"]))
     return fb.build(["Y"], opset)
 
