@@ -40,7 +40,8 @@ from qconvert.archs import build_architecture  # noqa: E402
 from qconvert.bench import export_float, float_model, quantize_int8  # noqa: E402
 from qconvert.calib import load_calibration  # noqa: E402
 from qconvert.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
-from qconvert.export.integer import integer_summary, to_integer  # noqa: E402
+from qconvert.errors import QConvertError  # noqa: E402
+from qconvert.export.integer import integer_summary, to_integer, with_qconv_clamp  # noqa: E402
 from qconvert.export.onnx_export import build_onnx  # noqa: E402
 from qconvert.ops import DOMAIN  # noqa: E402
 from qconvert.preprocess import prepare_inputs  # noqa: E402
@@ -168,6 +169,12 @@ def bench_target(target: str, args, tmp: Path) -> list[dict]:
     onnx.save(float_residual, str(files["integer_float_residual"]))
     onnx.save(to_integer(exact, args.bits, calib=samples, residual="quantized"),
               str(files["integer_quantized_residual"]))
+    try:  # --conv-kernel qconvert: every convolution one QConvClamp (the library's)
+        files["integer_qconv_clamp"] = tmp / "integer_qcc.onnx"
+        onnx.save(with_qconv_clamp(integer), str(files["integer_qconv_clamp"]))
+    except QConvertError as exc:
+        del files["integer_qconv_clamp"]
+        print(f"   no integer_qconv_clamp row: {exc}", flush=True)
     if args.ceiling_cost:
         files["integer_no_ceiling"] = tmp / "integer_no_ceiling.onnx"
         onnx.save(without_ceilings(integer), str(files["integer_no_ceiling"]))
@@ -188,12 +195,17 @@ def bench_target(target: str, args, tmp: Path) -> list[dict]:
                "ms": {k: 1e3 * v for k, v in med.items()}, "ratio_fp32": ratios,
                "vs_u8s8": float(np.median(np.array(times["integer"])
                                           / np.array(times["ort_u8s8"])))}
+        if "integer_qconv_clamp" in times:
+            row["qcc_vs_u8s8"] = float(np.median(np.array(times["integer_qconv_clamp"])
+                                                 / np.array(times["ort_u8s8"])))
         rows.append(row)
         print(f"   batch {batch:>2} ({rounds} rounds x {repeats} runs, {args.clock} time, "
               f"load {load:.1f}): "
               + ", ".join(
             f"{k} {row['ms'][k]:.2f} ms ({ratios[k]:.2f}x)" for k in times)
-            + f"; integer / ort_u8s8 {row['vs_u8s8']:.2f}", flush=True)
+            + f"; integer / ort_u8s8 {row['vs_u8s8']:.2f}"
+            + (f", integer_qconv_clamp / ort_u8s8 {row['qcc_vs_u8s8']:.2f}"
+               if "qcc_vs_u8s8" in row else ""), flush=True)
         spread = {k: np.percentile(np.array(times[k]) / np.array(times["fp32"]), [10, 90])
                   for k in times if k != "fp32"}
         print("      per-round ratio to fp32, 10th-90th percentile: " + ", ".join(
@@ -238,14 +250,17 @@ def agreement_rows(paths: list[str], bits: list[int], residual: str) -> list[dic
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| model | batch | FP32 ms | integer | ORT U8S8 | integer / ORT U8S8 | exact "
-            "| ORT S8S8 (old baseline) |\n|---|---|---|---|---|---|---|---|")
+    head = ("| model | batch | FP32 ms | integer | ORT U8S8 | integer / ORT U8S8 | integer, "
+            "--conv-kernel qconvert | that / ORT U8S8 | exact | ORT S8S8 (old baseline) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         q = r["ratio_fp32"]
+        qcc = (f"{q['integer_qconv_clamp']:.2f}x | {r['qcc_vs_u8s8']:.2f}"
+               if "qcc_vs_u8s8" in r else "refused | -")
         lines.append(f"| {r['target']} | {r['batch']} | {r['ms']['fp32']:.2f} | "
                      f"{q['integer']:.2f}x | {q['ort_u8s8']:.2f}x | {r['vs_u8s8']:.2f} | "
-                     f"{q['exact']:.2f}x | {q['ort_s8s8']:.2f}x |")
+                     f"{qcc} | {q['exact']:.2f}x | {q['ort_s8s8']:.2f}x |")
     return "\n".join(lines)
 
 

@@ -79,6 +79,11 @@ def _human(n: float) -> str:
                    "agreement on.")
 @click.option("--min-agreement", default=0.995, show_default=True,
               help="Top-1 agreement --outer-bits auto must reach.")
+@click.option("--conv-kernel", type=click.Choice(["standard", "qconvert"]), default="standard",
+              show_default=True,
+              help="Integer mode: qconvert writes every convolution as one QConvClamp node "
+                   "(faster, needs the qconvert library; refused when a convolution cannot "
+                   "be); standard keeps ONNX's QDQ convolutions for a stock ONNX Runtime.")
 @click.option("--allow-pickle", is_flag=True,
               help="Also load checkpoints holding pickled objects. Unpickling RUNS CODE from "
                    "the file: only for files you trust.")
@@ -90,7 +95,7 @@ def _human(n: float) -> str:
 @_errors_to_exit_codes
 def export(checkpoint: Path, out: Path, opset: int, no_functions: bool, force: bool,
            mode: str, outer_bits: str, calib: Path | None, min_agreement: float,
-           allow_pickle: bool, optimize_for: str | None, as_json: bool,
+           conv_kernel: str, allow_pickle: bool, optimize_for: str | None, as_json: bool,
            report: Path | None) -> None:
     """Export CHECKPOINT to an ONNX model with qconvert ops and packed low-bit weights."""
     from .checkpoint import load_checkpoint
@@ -106,6 +111,8 @@ def export(checkpoint: Path, out: Path, opset: int, no_functions: bool, force: b
         raise QConvertError(f"{report.parent}: no such directory for {report.name}")
     if mode == "integer" and outer_bits == "auto" and calib is None:
         raise QConvertError("--outer-bits auto needs --calib DATA to measure agreement on")
+    if conv_kernel != "standard" and mode != "integer":
+        raise QConvertError("--conv-kernel applies to integer mode: add --mode integer")
     started = time.perf_counter()
     ckpt = load_checkpoint(checkpoint, allow_pickle=allow_pickle)
     count = sum(1 for _ in ckpt.layer_specs)
@@ -113,7 +120,8 @@ def export(checkpoint: Path, out: Path, opset: int, no_functions: bool, force: b
     integer_calib = _integer_calibration(ckpt, calib) if mode == "integer" and calib else None
     with click.progressbar(length=count, label="folding layers", file=sys.stderr) as bar:
         result = export_checkpoint(ckpt, out, opset, not no_functions, force, integer,
-                                   integer_calib, progress=lambda _: bar.update(1))
+                                   integer_calib, progress=lambda _: bar.update(1),
+                                   conv_kernel=conv_kernel)
     summary = _export_summary(result, inspect_model(out), time.perf_counter() - started)
     if mode == "integer":
         from .export.integer import integer_summary
@@ -269,7 +277,8 @@ def validate(checkpoint: Path, model: Path, calib: Path | None, synthetic: int |
     echo(f"runtime: {runtime}; data: {data.source}, {len(data.x)} samples")
     man = manifest.read(onnx_model)
     if man.mode == "integer":
-        echo(f"integer model (b'={man.outer_bits}): judged on top-1 "
+        kernel = ", convolutions as qconvert QConvClamp" if man.needs_library else ""
+        echo(f"integer model (b'={man.outer_bits}{kernel}): judged on top-1 "
              "agreement with PyTorch; the float64 referee's figures are shown beside")
     with click.progressbar(length=len(data.x), label="validating", file=sys.stderr) as bar:
         result = val.validate(ckpt, onnx_model, data,
@@ -404,6 +413,7 @@ def _print_layers(r, echo) -> None:
 @_errors_to_exit_codes
 def inspect_command(model: Path, as_json: bool, report: Path | None) -> None:
     """Ops, bits, storage and compute of an exported MODEL."""
+    from . import manifest
     from .inspect_model import inspect_model
     from .runtime import load_model
 
@@ -424,6 +434,9 @@ def inspect_command(model: Path, as_json: bool, report: Path | None) -> None:
                f"({info.ideal_bytes} B), {info.file_bytes / info.fp32_bytes:.3f}x FP32 "
                f"({info.fp32_bytes} B); LUT memory {info.lut_bytes} B")
     click.echo(f"MACs/sample {info.macs}; weight bits {info.weight_bits}")
+    if info.metadata.get(manifest.Key.CONV_KERNEL, "standard") != "standard":
+        click.echo("convolutions: qconvert QConvClamp nodes; they need the qconvert library "
+                   "(without it ONNX Runtime runs their slower function bodies, if present)")
     if info.adapter_params:
         click.echo(f"ASQ adapters: {info.adapter_params} params "
                    f"({info.adapter_param_ratio:.2%} of quantized weights), {info.adapter_macs} "

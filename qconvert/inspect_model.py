@@ -17,7 +17,10 @@ from .manifest import INPUT_NAME, Manifest
 from .ops import DOMAIN
 
 COMPUTE_OPS = {"Conv", "Gemm", "MatMul", "ConvInteger", "MatMulInteger"}
-INTEGER_OPS = {"ConvInteger": "Conv", "MatMulInteger": "Gemm"}
+# Integer compute nodes: the layer type they compute and their output's element type.
+INTEGER_OPS = {"ConvInteger": "Conv", "MatMulInteger": "Gemm", "QConvClamp": "Conv"}
+INTEGER_OUTPUTS = {"ConvInteger": onnx.TensorProto.INT32, "MatMulInteger": onnx.TensorProto.INT32,
+                   "QConvClamp": onnx.TensorProto.UINT8}
 
 
 @dataclass
@@ -96,8 +99,7 @@ def _macs_values(node: onnx.NodeProto) -> dict[str, int]:
     ConvTranspose its input (each input element meets Cout/groups x kernel weights)."""
     if node.op_type == "ConvTranspose":
         return {node.input[0]: onnx.TensorProto.FLOAT}
-    return {node.output[0]: onnx.TensorProto.INT32 if node.op_type in INTEGER_OPS
-            else onnx.TensorProto.FLOAT}
+    return {node.output[0]: INTEGER_OUTPUTS.get(node.op_type, onnx.TensorProto.FLOAT)}
 
 
 def _macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]],

@@ -43,6 +43,10 @@ class Key:
     MODE = "qconvert_mode"  # "integer" for integer mode; absent for the exact mode
     OUTER_BITS = "qconvert_outer_bits"
     INTEGER = "qconvert_integer"  # integer mode: per-layer grids, scales and errors
+    # Integer mode: "qconvert" when the convolutions are QConvClamp nodes, which run fast
+    # only with the qconvert library (without it, through their function bodies when the
+    # file carries them); absent for the standard QDQ convolutions.
+    CONV_KERNEL = "qconvert_conv_kernel"
 
 
 def act_value(layer: str) -> str:
@@ -108,6 +112,13 @@ class Manifest:
     mode: str = "exact"
     outer_bits: int | None = None
     integer: dict = field(default_factory=dict)  # integer mode: per-layer details
+    conv_kernel: str = "standard"  # integer mode: "qconvert" for QConvClamp convolutions
+
+    @property
+    def needs_library(self) -> bool:
+        """Its convolutions are qconvert ops: without the library they run only through
+        their function bodies, if the file carries them."""
+        return self.conv_kernel != "standard"
 
     @property
     def input_shape(self) -> list[int]:
@@ -131,6 +142,8 @@ class Manifest:
             meta[Key.MODE] = self.mode
             meta[Key.OUTER_BITS] = str(self.outer_bits)
             meta[Key.INTEGER] = json.dumps(self.integer, separators=(",", ":"))
+        if self.conv_kernel != "standard":
+            meta[Key.CONV_KERNEL] = self.conv_kernel
         return meta
 
 
@@ -183,6 +196,7 @@ def read(model: onnx.ModelProto) -> Manifest:
             mode=meta.get(Key.MODE, "exact"),
             outer_bits=int(meta[Key.OUTER_BITS]) if Key.OUTER_BITS in meta else None,
             integer=json.loads(meta.get(Key.INTEGER, "{}")),
+            conv_kernel=meta.get(Key.CONV_KERNEL, "standard"),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise QConvertError(f"the model's qconvert records are damaged ({type(exc).__name__}: "

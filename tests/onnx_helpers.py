@@ -8,7 +8,11 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
-from qconvert.ops import DOMAIN_VERSION, OPS, REFERENCE_OPS, functions
+from qconvert.ops import DOMAIN_VERSION, INTEGER_OPS, OPS, REFERENCE_OPS, functions
+
+
+def element_type(a: np.ndarray) -> int:
+    return helper.np_dtype_to_tensor_dtype(a.dtype)
 
 
 def one_node_model(
@@ -16,14 +20,12 @@ def one_node_model(
     with_functions: bool = True, output_shape: list | None = None,
 ) -> onnx.ModelProto:
     names = OPS[op].INPUTS
-    value_infos = [
-        helper.make_tensor_value_info(
-            n, TensorProto.UINT8 if a.dtype == np.uint8 else TensorProto.FLOAT, list(a.shape))
-        for n, a in zip(names, inputs, strict=True)
-    ]
+    value_infos = [helper.make_tensor_value_info(n, element_type(a), list(a.shape))
+                   for n, a in zip(names, inputs, strict=True)]
     node = helper.make_node(op, names, ["Y"], domain="qconvert", name=f"{op}_node", **attrs)
+    y_type = TensorProto.UINT8 if op in INTEGER_OPS else TensorProto.FLOAT
     graph = helper.make_graph([node], op, value_infos,
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, output_shape)])
+                              [helper.make_tensor_value_info("Y", y_type, output_shape)])
     return helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", opset),
                               helper.make_opsetid("qconvert", DOMAIN_VERSION)],

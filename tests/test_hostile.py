@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from qconvert import QConvertError, load_checkpoint, save_checkpoint
+from qconvert.ops import SUPPORTED_DOMAIN_VERSIONS
 from qconvert.quant import quantize_model
 
 from .conftest import PROGRESS_LABELS, assert_one_line_error, invoke
@@ -57,12 +58,15 @@ def _drop_function(model: onnx.ModelProto) -> None:
     model.functions.extend(kept)
 
 
+UNSUPPORTED_VERSION = max(SUPPORTED_DOMAIN_VERSIONS) + 1
+
+
 def _bump_domain_version(model: onnx.ModelProto) -> None:
     for opset in model.opset_import:
         if opset.domain == "qconvert":
-            opset.version = 4
+            opset.version = UNSUPPORTED_VERSION
     for function in model.functions:
-        function.domain = "qconvert.v4"
+        function.domain = f"qconvert.v{UNSUPPORTED_VERSION}"
 
 
 def _truncate_levels(model: onnx.ModelProto) -> None:
@@ -80,7 +84,7 @@ def _truncate_codes(model: onnx.ModelProto) -> None:
 
 EDITS = {
     "missing-function-body": (_drop_function, ("function body",)),
-    "wrong-domain-version": (_bump_domain_version, ("version 4",)),
+    "wrong-domain-version": (_bump_domain_version, (f"version {UNSUPPORTED_VERSION}",)),
     "levels-table-too-short": (_truncate_levels, ("levels", "CompandQuant_rejects")),
     "packed-buffer-too-short": (_truncate_codes, ("Gather", "codes")),
 }

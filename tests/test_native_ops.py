@@ -20,7 +20,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qconvert import native
-from qconvert.ops import DOMAIN_VERSION, OPS, SUPPORTED_DOMAIN_VERSIONS, vectors
+from qconvert.ops import DOMAIN_VERSION, INTEGER_OPS, OPS, SUPPORTED_DOMAIN_VERSIONS, vectors
 from qconvert.ops.packing import pack_codes
 
 INPUT_NAMES = {
@@ -30,6 +30,7 @@ INPUT_NAMES = {
     "LutGather": ["codes", "table"],
     "Pow2Shift": ["codes", "alpha"],
     "SampleMaxQuant": ["X"],
+    "QConvClamp": ["X", "W", "B", "scale"],
 }
 # Which inputs become initializers in "const" mode: the parameters of the
 # activation ops, everything for the weight-decode ops (their cached path).
@@ -40,6 +41,7 @@ CONST_INPUTS = {
     "LutGather": {"codes", "table"},
     "Pow2Shift": {"codes", "alpha"},
     "SampleMaxQuant": set(),
+    "QConvClamp": {"W", "B", "scale"},  # the kernel packs W at load: always constant
 }
 NODE = "node_under_test"
 
@@ -54,11 +56,7 @@ def require_library():
 
 
 def elem_type(a: np.ndarray) -> int:
-    return {
-        np.dtype(np.float32): TensorProto.FLOAT,
-        np.dtype(np.uint8): TensorProto.UINT8,
-        np.dtype(np.float64): TensorProto.DOUBLE,
-    }[a.dtype]
+    return helper.np_dtype_to_tensor_dtype(a.dtype)
 
 
 def model_bytes(
@@ -84,7 +82,8 @@ def model_bytes(
         [node],
         "g",
         graph_inputs,
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info(
+            "Y", TensorProto.UINT8 if op in INTEGER_OPS else TensorProto.FLOAT, None)],
         initializer=inits,
     )
     model = helper.make_model(
@@ -117,10 +116,11 @@ def run_op(
 
 
 def assert_bits_equal(actual: np.ndarray, expected: np.ndarray) -> None:
-    """Same shape, dtype and values; NaN equals NaN; +0 equals -0 (docs/ops.md allows it)."""
-    assert actual.dtype == np.float32
+    """Same shape, dtype and values; NaN equals NaN; +0 equals -0 (docs/ops.md allows it).
+    float32 out, uint8 for the integer ops."""
+    assert actual.dtype == (np.uint8 if expected.dtype == np.uint8 else np.float32)
     assert actual.shape == expected.shape
-    np.testing.assert_array_equal(actual, expected.astype(np.float32), strict=False)
+    np.testing.assert_array_equal(actual, expected.astype(actual.dtype), strict=False)
 
 
 # --------------------------------------------------------------- shared vectors
@@ -129,7 +129,8 @@ def assert_bits_equal(actual: np.ndarray, expected: np.ndarray) -> None:
 def vector_params():
     for op in INPUT_NAMES:
         for case in vectors.cases(op):
-            for mode in ("feed", "const"):
+            # QConvClamp refuses a fed W (tests/test_native_qconv_clamp.py), so const only.
+            for mode in ("const",) if op in INTEGER_OPS else ("feed", "const"):
                 yield pytest.param(op, case, mode, id=f"{op}-{case.name}-{mode}")
 
 
@@ -227,6 +228,16 @@ def test_sample_max_quant_needs_domain_version_3():
     assert_bits_equal(y, vectors.OPS["SampleMaxQuant"].reference(x, **attrs))
     with pytest.raises(Exception, match="SampleMaxQuant"):  # noqa: B017
         session(model_bytes("SampleMaxQuant", [x], attrs, domain_version=2))
+
+
+def test_qconv_clamp_needs_domain_version_4():
+    (case, *_) = vectors.cases("QConvClamp")
+    const = CONST_INPUTS["QConvClamp"]
+    y = session(model_bytes("QConvClamp", case.inputs, case.attrs, const, domain_version=4)).run(
+        None, {"X": case.inputs[0]})[0]
+    assert_bits_equal(y, case.expected)
+    with pytest.raises(Exception, match="QConvClamp"):  # noqa: B017
+        session(model_bytes("QConvClamp", case.inputs, case.attrs, const, domain_version=3))
 
 
 def test_compand_mirror_and_clip_by_hand():

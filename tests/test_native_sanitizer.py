@@ -1,7 +1,8 @@
 """The native kernels under AddressSanitizer + UndefinedBehaviorSanitizer.
 
 Builds custom_ops/build/asan/libqconvert_ops.so (`bash custom_ops/build.sh
-asan`), then runs tests/test_native_ops.py and the fuzz driver in a child
+asan`), then runs tests/test_native_ops.py, tests/test_native_qconv_clamp.py (with its
+shape/attribute fuzz) and the fuzz driver in a child
 Python with the ASan runtime preloaded. The library is built with
 -fno-sanitize-recover=all, so any finding aborts the child and fails the test.
 By hand, from the repository root:
@@ -92,7 +93,8 @@ def test_sanitized_library_is_the_one_loaded(asan_env):
 def test_kernel_tests_under_sanitizers(asan_env, portable):
     env = dict(asan_env, QCONVERT_OPS_PORTABLE=portable)
     output = run_child(
-        ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_native_ops.py"],
+        ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_native_ops.py",
+         "tests/test_native_qconv_clamp.py"],
         env,
         timeout=900,
     )

@@ -7,18 +7,40 @@ import onnx
 import pytest
 import torch
 
-from qconvert.ops import MAX_OPSET, MIN_OPSET, OPS, functions
-from qconvert.ops.vectors import cases
+from qconvert.ops import INTEGER_OPS, MAX_OPSET, MIN_OPSET, OPS, functions
+from qconvert.ops.vectors import SATURATES_INT16, cases
 
 from .onnx_helpers import one_node_model, run_function_body, run_reference_evaluator
 
 ALL_CASES = [(op, case) for op in OPS for case in cases(op)]
 IDS = [f"{op}-{case.name}" for op, case in ALL_CASES]
+# Where a stock runtime's standard op is known not to give the spec's bits, so the function
+# body cannot (docs/ops.md#qconvclamp): strict xfails, so a runtime that changes shows up.
+KNOWN_DEVIATIONS = {
+    ("onnxruntime", "QConvClamp", SATURATES_INT16):
+        "ORT's U8S8 QLinearConv sums uint8 x int8 pairs in saturating int16",
+    ("onnx.reference", "QConvClamp", "float32_ties"):
+        "onnx.reference's QLinearConv multiplies int32 by the float32 scale in float64",
+}
+
+
+def runtime_cases(runtime: str, every: int) -> list:
+    """Every ``every``-th case, every case of the integer ops (few, and each one a rule)."""
+    params = []
+    for i, ((op, case), name) in enumerate(zip(ALL_CASES, IDS, strict=True)):
+        if i % every and op not in INTEGER_OPS:
+            continue
+        reason = [r for (rt, o, prefix), r in KNOWN_DEVIATIONS.items()
+                  if rt == runtime and o == op and case.name.startswith(prefix)]
+        marks = [pytest.mark.xfail(strict=True, reason=reason[0])] if reason else []
+        params.append(pytest.param(op, case, id=name, marks=marks))
+    return params
 
 
 def assert_same(got: np.ndarray, expected: np.ndarray) -> None:
-    """Equal values and shapes, NaN where NaN (the sign of zero may differ, per docs/ops.md)."""
-    assert got.dtype == np.float32
+    """Equal values and shapes, NaN where NaN (the sign of zero may differ, per docs/ops.md);
+    float32 out, uint8 for the integer ops."""
+    assert got.dtype == expected.dtype
     assert got.shape == expected.shape
     np.testing.assert_array_equal(got, expected)
 
@@ -29,18 +51,18 @@ def test_torch_op_matches_vectors(op, case):
     assert_same(got.numpy(), case.expected)
 
 
-@pytest.mark.parametrize(("op", "case"), ALL_CASES, ids=IDS)
+@pytest.mark.parametrize(("op", "case"), runtime_cases("onnxruntime", 1))
 def test_function_body_in_onnxruntime_matches_vectors(op, case):
     assert_same(run_function_body(op, case.inputs, case.attrs), case.expected)
 
 
-@pytest.mark.parametrize(("op", "case"), ALL_CASES[::7], ids=IDS[::7])
+@pytest.mark.parametrize(("op", "case"), runtime_cases("onnx.reference", 7))
 def test_function_body_in_onnx_reference_matches_vectors(op, case):
     got = run_reference_evaluator(op, case.inputs, case.attrs, numpy_ops=False)
-    assert_same(np.asarray(got, np.float32), case.expected)
+    assert_same(np.asarray(got, case.expected.dtype), case.expected)
 
 
-@pytest.mark.parametrize(("op", "case"), ALL_CASES[::5], ids=IDS[::5])
+@pytest.mark.parametrize(("op", "case"), runtime_cases("numpy", 5))
 def test_numpy_ops_plug_into_onnx_reference(op, case):
     got = run_reference_evaluator(op, case.inputs, case.attrs, numpy_ops=True)
     assert_same(got, case.expected)

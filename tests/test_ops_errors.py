@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
+from qconvert.ops import OPS
 from qconvert.ops.vectors import cases
 
 from .onnx_helpers import run_function_body
@@ -39,6 +41,12 @@ def _bad_inputs():
     yield "alpha-three", "Pow2Shift", [inputs[0], np.ones(3, np.float32)], attrs
     yield "root-3", "Pow2Shift", inputs, {**attrs, "root": 3}
     yield "codes-empty", "Pow2Shift", [inputs[0][:0], inputs[1]], attrs
+    inputs, attrs = _case("QConvClamp", -1)  # a 2x2 kernel
+    for change in ({"hi": 256}, {"lo": 200, "hi": 100}, {"zero_point": -1},
+                   {"x_zero_point": 256}, {"strides": [1, 5]}, {"strides": [0, 1]},
+                   {"pads": [2, 0, 0, 0]}, {"pads": [0, -1, 0, 0]}):
+        yield f"qconv-{change}", "QConvClamp", inputs, {**attrs, **change}
+    yield "qconv-scale-short", "QConvClamp", [*inputs[:3], inputs[3][:-1]], attrs
 
 
 BAD = list(_bad_inputs())
@@ -49,3 +57,14 @@ def test_function_body_refuses_bad_inputs(name, op, inputs, attrs):
     with pytest.raises(Exception, match=rf"{op}|out of data bounds|Incompatible") as info:
         run_function_body(op, inputs, attrs)
     assert "INVALID_ARGUMENT" in str(info.value) or "FAIL" in str(info.value)
+
+
+QCONV = [b for b in BAD if b[1] == "QConvClamp"]
+
+
+@pytest.mark.parametrize(("name", "op", "inputs", "attrs"), QCONV, ids=[b[0] for b in QCONV])
+def test_numpy_and_torch_qconv_clamp_refuse_what_the_body_refuses(name, op, inputs, attrs):
+    with pytest.raises(ValueError, match="QConvClamp: "):
+        OPS[op].reference(*inputs, **attrs)
+    with pytest.raises(ValueError, match="QConvClamp: "):
+        OPS[op].TORCH_OP(*[torch.from_numpy(a) for a in inputs], *attrs.values())

@@ -12,6 +12,10 @@ const char* TypeName(ONNXTensorElementDataType type) {
       return "float32";
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8:
       return "uint8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8:
+      return "int8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32:
+      return "int32";
     default:
       return "another type";
   }

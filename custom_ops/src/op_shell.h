@@ -4,6 +4,7 @@
 #include <onnxruntime_cxx_api.h>
 
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "errors.h"
@@ -27,13 +28,22 @@ struct StatusKernel : K {
 
 // The newest version of the `qconvert` op set the library serves (version 2
 // added UniformQuant, version 3 SampleMaxQuant and CompandQuant's optional
-// mirror / clip attributes; qconvert.ops.DOMAIN_VERSION on the Python side). ORT's
+// mirror / clip attributes, version 4 QConvClamp; qconvert.ops.DOMAIN_VERSION on the
+// Python side). ORT's
 // CustomOpBase gives every op the range [1, 2^31 - 1] unless told otherwise;
 // each op here states [K::kSinceVersion, kDomainVersion] instead. ORT binds a
 // node through the op's schema (since-version <= the model's import), so
-// models importing versions 1 to 3 run these kernels (tests/test_native_ops.py
+// models importing versions 1 to 4 run these kernels (tests/test_native_ops.py
 // checks both); raise this with the Python op set.
-constexpr int kDomainVersion = 3;
+constexpr int kDomainVersion = 4;
+
+// K::kOutputType when K declares one, else float32 (every op before QConvClamp).
+template <class K, class = void>
+struct OutputTypeOf : std::integral_constant<ONNXTensorElementDataType,
+                                             ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT> {};
+template <class K>
+struct OutputTypeOf<K, std::void_t<decltype(K::kOutputType)>>
+    : std::integral_constant<ONNXTensorElementDataType, K::kOutputType> {};
 
 template <class K>
 struct KernelOp : Ort::CustomOpBase<KernelOp<K>, StatusKernel<K>, /*WithStatus=*/true> {
@@ -46,7 +56,7 @@ struct KernelOp : Ort::CustomOpBase<KernelOp<K>, StatusKernel<K>, /*WithStatus=*
   size_t GetInputTypeCount() const { return K::kInputTypes.size(); }
   ONNXTensorElementDataType GetInputType(size_t i) const { return K::kInputTypes[i]; }
   size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return OutputTypeOf<K>::value; }
 
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
     NodeRef ref = MakeNodeRef(K::kName, info);

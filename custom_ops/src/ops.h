@@ -11,5 +11,6 @@ const OrtCustomOp* LutGatherOp();
 const OrtCustomOp* Pow2ShiftOp();
 const OrtCustomOp* UniformQuantOp();
 const OrtCustomOp* SampleMaxQuantOp();
+const OrtCustomOp* QConvClampOp();
 
 }  // namespace qconvert

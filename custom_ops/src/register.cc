@@ -18,6 +18,7 @@ OrtCustomOpDomain* QconvertDomain() {
     d.Add(qconvert::Pow2ShiftOp());
     d.Add(qconvert::UniformQuantOp());
     d.Add(qconvert::SampleMaxQuantOp());
+    d.Add(qconvert::QConvClampOp());
     return d;
   }();
   return domain;

@@ -25,7 +25,7 @@ from ..manifest import INPUT_NAME, OUTPUT_NAME, LayerRecord, Manifest, WeightRec
 from ..ops import DOMAIN, DOMAIN_VERSION, MAX_OPSET, MIN_OPSET, OPS, functions, translation_table
 from ..quant import quantized_layers
 from .deploy import DeployedLayer, to_deploy
-from .integer import to_integer
+from .integer import to_integer, with_qconv_clamp
 from .weight_decode import fold_constant_decodes, is_weight_decode
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -322,13 +322,14 @@ OuterBits = int | Callable[[onnx.ModelProto], int] | None
 def export_checkpoint(ckpt: Checkpoint, out: str | Path, opset: int = 20,
                       with_functions: bool = True, force: bool = False,
                       outer_bits: OuterBits = None, integer_calib: np.ndarray | None = None,
-                      progress=None) -> ExportResult:
+                      progress=None, conv_kernel: str = "standard") -> ExportResult:
     """Checkpoint -> ONNX file: the one entry point of the CLI, bench and benchmarks.
 
     ``outer_bits`` asks for integer mode (docs/integer-mode.md): a b' in 2..8, or a
     function that picks b' given the exact-mode model (the CLI's ``--outer-bits auto``);
     ``integer_calib`` (normalised model inputs) calibrates the integer model's requantized
-    outputs that no QAT quantizer covers.
+    outputs that no QAT quantizer covers. ``conv_kernel="qconvert"`` (integer mode) writes
+    every convolution as one QConvClamp, or refuses naming the layer that cannot be.
     """
     out = Path(out)
     check_output_path(out, force)  # fail before the slow part
@@ -336,6 +337,10 @@ def export_checkpoint(ckpt: Checkpoint, out: str | Path, opset: int = 20,
     if outer_bits is not None:
         bits = outer_bits(model) if callable(outer_bits) else outer_bits
         model = to_integer(model, bits, calib=integer_calib)
+        if conv_kernel == "qconvert":
+            model = with_qconv_clamp(model, with_functions)
+    elif conv_kernel != "standard":
+        raise QConvertError(f"conv_kernel {conv_kernel!r} applies to integer mode only")
     annotate_custom_op_shapes(model)
     size = write_atomically(model, out, force)
     return ExportResult(out, model, layers, size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
+import numpy as np
 import onnx
 from onnx.reference.op_run import OpRun
 
@@ -13,6 +14,7 @@ from . import (
     compand_quant,
     lut_gather,
     pow2_shift,
+    qconv_clamp,
     sample_max_quant,
     uniform_quant,
 )
@@ -29,7 +31,7 @@ from ._builder import (
 
 OPS: dict[str, ModuleType] = {
     m.NAME: m for m in (uniform_quant, compand_quant, adaptive_step, lut_gather, pow2_shift,
-                        sample_max_quant)
+                        sample_max_quant, qconv_clamp)
 }
 
 # Activation quantizers (elementwise, per-tensor or per-sample parameters) and weight decodes.
@@ -37,6 +39,8 @@ ACTIVATION_OPS = ("UniformQuant", "CompandQuant", "AdaptiveStep")
 # Activation quantizers that reduce over each sample (not elementwise: no layout rewrites).
 SAMPLE_REDUCING_OPS = ("SampleMaxQuant",)
 DECODE_OPS = ("LutGather", "Pow2Shift")
+# Integer-mode operators over uint8 codes (not quantizers: no float activations in or out).
+INTEGER_OPS = ("QConvClamp",)
 
 for _module in OPS.values():
     register(_module.schema())
@@ -61,7 +65,7 @@ def _op_run_class(module: ModuleType, domain: str = DOMAIN) -> type[OpRun]:
         values = {name: attrs.get(name, getattr(self, name, defaults.get(name)))
                   for name in attributes}
         values = {k: v for k, v in values.items() if v is not None}
-        values = {k: list(v) if k == "shape" else int(v) for k, v in values.items()}
+        values = {k: [int(i) for i in v] if np.ndim(v) else int(v) for k, v in values.items()}
         return (module.reference(*inputs, **values),)
 
     return type(module.NAME, (OpRun,), {"op_domain": domain, "_run": _run})
@@ -73,5 +77,5 @@ REFERENCE_OPS: list[type[OpRun]] = [_op_run_class(m) for m in OPS.values()] + [
     _op_run_class(OPS[name], DECODE_DOMAIN) for name in DECODE_OPS]
 
 __all__ = ["ACTIVATION_OPS", "DECODE_DOMAIN", "DECODE_DOMAIN_VERSION", "DECODE_OPS", "DOMAIN",
-           "DOMAIN_VERSION", "MAX_OPSET", "MIN_OPSET", "OPS", "REFERENCE_OPS",
+           "DOMAIN_VERSION", "INTEGER_OPS", "MAX_OPSET", "MIN_OPSET", "OPS", "REFERENCE_OPS",
            "SAMPLE_REDUCING_OPS", "SUPPORTED_DOMAIN_VERSIONS", "functions", "translation_table"]

@@ -9,9 +9,10 @@ from onnx import AttributeProto, helper, numpy_helper
 
 DOMAIN = "qconvert"
 # Version 2 added UniformQuant; version 3 added SampleMaxQuant and CompandQuant's optional
-# mirror / clip attributes. Models of older versions (without them) still load and run.
-DOMAIN_VERSION = 3
-SUPPORTED_DOMAIN_VERSIONS = (1, 2, 3)
+# mirror / clip attributes; version 4 added QConvClamp. Models of older versions (without
+# them) still load and run.
+DOMAIN_VERSION = 4
+SUPPORTED_DOMAIN_VERSIONS = (1, 2, 3, 4)
 # Weight decodes over constants live in a function-only domain that no runtime registers a
 # kernel for, so ONNX Runtime inlines and folds them at load (qconvert/export/weight_decode.py).
 DECODE_DOMAIN, DECODE_DOMAIN_VERSION = "qconvert.decode", 1
@@ -39,6 +40,16 @@ class FunctionBuilder:
         out = self._fresh(op_type.lower())
         self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=name or out,
                                            **attrs))
+        return out
+
+    def node_with_refs(self, op_type: str, inputs: list[str], refs: dict[str, int]) -> str:
+        """A node whose attributes (name -> AttributeProto type) are the function's own
+        attributes of the same names."""
+        out = self._fresh(op_type.lower())
+        node = helper.make_node(op_type, inputs, [out], name=out)
+        for name, kind in refs.items():
+            node.attribute.append(helper.make_attribute_ref(name, kind))
+        self.nodes.append(node)
         return out
 
     def const(self, value, dtype=np.float32) -> str:
@@ -70,8 +81,18 @@ class FunctionBuilder:
         return self.node("Add", value, self.node("Reshape", zero, self.const([], np.int64)))
 
     def bits_in(self, bits: str, low: int, high: int) -> str:
-        return self.node("And", self.node("GreaterOrEqual", bits, self.const(low, np.int64)),
-                         self.node("LessOrEqual", bits, self.const(high, np.int64)))
+        return self.in_range(bits, low, high)
+
+    def in_range(self, value: str, low: int, high: int) -> str:
+        """low <= value <= high for an int64 tensor, elementwise."""
+        return self.node("And", self.node("GreaterOrEqual", value, self.const(low, np.int64)),
+                         self.node("LessOrEqual", value, self.const(high, np.int64)))
+
+    def all_of(self, conditions: str) -> str:
+        """A bool scalar: every element of the bool tensor ``conditions`` holds."""
+        as_int = self.node("Cast", conditions, to=onnx.TensorProto.INT64)
+        return self.node("Equal", self.node("ReduceMin", as_int, keepdims=0),
+                         self.const(1, np.int64))
 
     def code_range(self, bits: str, signed: str) -> tuple[str, str]:
         """(lo, hi) as float scalars: [-2^(b-1), 2^(b-1) - 1] signed, [0, 2^b - 1] unsigned."""

@@ -196,6 +196,70 @@ def sample_max_quant_cases() -> list[VectorCase]:
     return cases
 
 
+def _conv_case(name: str, x, w, b, scale, *, strides=(1, 1), pads=(0, 0, 0, 0), lo=0, hi=255,
+               zero_point=0, x_zero_point=0) -> VectorCase:
+    attrs = {"strides": list(strides), "pads": list(pads), "lo": lo, "hi": hi,
+             "zero_point": zero_point, "x_zero_point": x_zero_point}  # explicit: translate()
+    inputs = [np.asarray(x, np.uint8), np.asarray(w, np.int8), np.asarray(b, np.int32),
+              np.asarray(scale, np.float32)]
+    return _case("QConvClamp", name, inputs, attrs)
+
+
+def _random_conv(rng, name: str, c: int, m: int, size: int, k: int, stride: int, *,
+                 x_max: int, w_max: int, n: int = 1, pads=None, **attrs) -> VectorCase:
+    """Codes and weights at random, bias and scale that spread the outputs over about 1.5
+    times [lo, hi], so the rounding and both clamp edges are exercised."""
+    x = rng.integers(0, x_max + 1, (n, c, size, size))
+    w = rng.integers(-w_max, w_max + 1, (m, c, k, k))
+    spread = np.sqrt(c * k * k) * x_max * w_max / 2 + 1
+    scale = rng.uniform(0.6, 1.4, m) * (attrs.get("hi", 255) - attrs.get("lo", 0) + 1) / spread
+    b = rng.integers(-c * k * k * 4, c * k * k * 4 + 1, m)
+    pads = [k // 2] * 4 if pads is None else pads
+    return _conv_case(name, x, w, b, scale, strides=(stride, stride), pads=pads, **attrs)
+
+
+# Name prefix of the QConvClamp cases whose int16 pair sums 2 * 255 * 127 exceed 32767.
+SATURATES_INT16 = "pair_sums_beyond_int16"
+
+
+def qconv_clamp_cases() -> list[VectorCase]:
+    rng = np.random.default_rng(7)
+    codes = np.arange(16).reshape(1, 1, 1, 16)
+    one = np.ones((1, 1, 1, 1))
+    cases = [
+        # acc = x - x_zero_point, scale 0.5: every odd acc is a tie (-3.5 .. 3.5 included).
+        _conv_case("ties_half_even", codes, one, [0], [0.5], x_zero_point=8, zero_point=8),
+        _conv_case("ties_bias", codes, one, [-7], [0.25], zero_point=100),
+        # 2 * x + 10 against [12, 20]: below, on and above each edge.
+        _conv_case("clamp_edges", codes, 2 * one, [0], [1.0], lo=12, hi=20, zero_point=10),
+        _conv_case("clamp_full_range", codes * 17, 127 * one, [-100], [0.125], lo=0, hi=255),
+        _conv_case("clamp_point", codes, one, [0], [1.0], lo=7, hi=7),
+        # Ties only in float32: 3 * 16.833334f is 50.500002 exactly but 50.5f; 2^25 + 1 is
+        # 2^25 in float32, and 2^25 * 100.5 / 2^25 a tie. Both round to even, 50 and 100.
+        _conv_case("float32_ties", [[[[3]]]], [[[[1]]], [[[0]]]], [0, (1 << 25) + 1],
+                   np.array([1099344555, 0], np.uint32).view(np.float32) + [0, 100.5 * 2**-25]),
+        # acc + B beyond 2^24: float32(acc + B) rounds before the multiply.
+        _conv_case("acc_beyond_2p24", rng.integers(240, 256, (1, 128, 4, 4)),
+                   np.full((3, 128, 3, 3), 64), [1, 0, (1 << 29) - 3],
+                   [1.0733e-5, 1.1e-5, 4.1e-7], pads=[1, 1, 1, 1]),
+        # 255 * 127 twice exceeds int16: the exact sum, which stock ORT's U8S8 QLinearConv
+        # (int16 pair sums, saturating) does not give (docs/ops.md#qconvclamp).
+        _random_conv(rng, f"{SATURATES_INT16}_c3_m5", 3, 5, 6, 2, 1, x_max=255, w_max=127,
+                     pads=[1, 0, 0, 1], lo=10, hi=250),
+    ]
+    for shape in [(1, 16, 8, 3, 1, 255, 64, {"x_zero_point": 128}),  # the 8-bit first layer
+                  (16, 16, 8, 3, 1, 15, 8, {"hi": 15}),
+                  (16, 32, 8, 1, 2, 15, 8, {"hi": 15, "pads": [0, 0, 0, 0]}),
+                  (16, 32, 9, 3, 2, 15, 8, {"lo": 3, "hi": 200, "zero_point": 3}),
+                  (64, 8, 4, 3, 1, 15, 8, {"zero_point": 131}),  # 576 taps: int16 widening
+                  (5, 7, 7, 5, 3, 15, 8, {"n": 2, "pads": [1, 4, 2, 0], "x_zero_point": 7}),
+                  (3, 5, 6, 2, 1, 255, 64, {"pads": [1, 0, 0, 1], "lo": 10, "hi": 250})]:
+        c, m, size, k, stride, x_max, w_max, extra = shape
+        cases.append(_random_conv(rng, f"c{c}_m{m}_s{size}_k{k}_st{stride}_x{x_max}_w{w_max}",
+                                  c, m, size, k, stride, x_max=x_max, w_max=w_max, **extra))
+    return cases
+
+
 BUILDERS = {
     "UniformQuant": uniform_quant_cases,
     "CompandQuant": compand_quant_cases,
@@ -203,6 +267,7 @@ BUILDERS = {
     "LutGather": lut_gather_cases,
     "Pow2Shift": pow2_shift_cases,
     "SampleMaxQuant": sample_max_quant_cases,
+    "QConvClamp": qconv_clamp_cases,
 }
 
 

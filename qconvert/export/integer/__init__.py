@@ -2,6 +2,7 @@
 in the QDQ form ONNX Runtime fuses into QLinearConv / QGemm, a rewrite of the exact-mode
 model."""
 
+from .conv_kernel import with_qconv_clamp
 from .rewrite import (
     MAX_OUTER_BITS,
     MIN_OUTER_BITS,
@@ -12,4 +13,4 @@ from .rewrite import (
 )
 
 __all__ = ["MAX_OUTER_BITS", "MIN_OUTER_BITS", "integer_details", "integer_summary",
-           "lut_bytes", "to_integer"]
+           "lut_bytes", "to_integer", "with_qconv_clamp"]

@@ -323,7 +323,10 @@ def integer_summary(model: onnx.ModelProto) -> str:
     details = integer_details(model)
     outputs = [d["output"] for d in details.values()]
     residual = man.integer.get(GRAPH_KEY, {}).get("residual_adds", {})
-    return (f"integer mode b'={man.outer_bits}: {len(details)} layers as u8 x s8 QDQ "
+    form = ("u8 x s8, convolutions as qconvert QConvClamp (they need the qconvert library, "
+            "or run slower through their function bodies)" if man.needs_library else
+            "u8 x s8 QDQ")
+    return (f"integer mode b'={man.outer_bits}: {len(details)} layers as {form} "
             f"({outputs.count('requantized')} requantized onto the next quantizer's grid, "
             f"{outputs.count('calibrated')} through calibrated uint8, "
             f"{outputs.count('float')} float outputs); residual additions: "

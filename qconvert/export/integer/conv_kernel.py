@@ -1,0 +1,223 @@
+"""Integer mode's opt-in convolution kernel (docs/integer-mode.md): every
+``DequantizeLinear(codes) -> Conv -> [Relu ->] QuantizeLinear [-> Clip]`` of an integer
+model becomes one qconvert ``QConvClamp`` (docs/ops.md#qconvclamp), which gives the same
+codes as ONNX Runtime's QLinearConv + Clip in one native kernel.
+
+All or nothing: a QLinearConv left in the graph is run NHWC by ONNX Runtime, which then
+puts transposes between it and the NCHW custom nodes, so a convolution that cannot be
+rewritten refuses the whole option, naming the layer and the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ... import manifest
+from ...errors import QConvertError
+from ...ops import DOMAIN, DOMAIN_VERSION, functions
+from ...ops.qconv_clamp import MAX_KERNEL, MAX_STRIDE
+
+
+@dataclass
+class ConvChain:
+    """One convolution and the nodes QConvClamp replaces, with its constants."""
+
+    nodes: list[onnx.NodeProto]  # Conv [, Relu], QuantizeLinear [, Clip]
+    inputs: list[str]  # codes, int8 weights, int32 bias
+    scale: np.ndarray  # ORT's multiplier, float32(x_scale * w_scale) / y_scale
+    attrs: dict  # QConvClamp's attributes
+
+
+class _Graph:
+    """Read access to a graph: producers, readers, initializers."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.readers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for name in node.input:
+                self.readers.setdefault(name, []).append(node)
+        self.inits = {i.name: i for i in graph.initializer}
+        self.outputs = {o.name for o in graph.output}
+
+    def const(self, name: str) -> np.ndarray | None:
+        return numpy_helper.to_array(self.inits[name]) if name in self.inits else None
+
+    def only_reader(self, value: str) -> onnx.NodeProto | None:
+        readers = self.readers.get(value, [])
+        return readers[0] if len(readers) == 1 and value not in self.outputs else None
+
+    def dequantized(self, value: str, dtype) -> tuple[onnx.NodeProto, np.ndarray | None] | None:
+        """The DequantizeLinear producing ``value`` and its stored input when that is a
+        constant of ``dtype`` (None: computed), or None when ``value`` is not dequantized."""
+        node = self.producer.get(value)
+        if node is None or node.op_type != "DequantizeLinear":
+            return None
+        stored = self.const(node.input[0])
+        return node, stored if stored is not None and stored.dtype == dtype else None
+
+
+def _per_tensor(g: _Graph, node: onnx.NodeProto, index: int) -> bool:
+    """``node``'s input ``index`` is a constant with one element."""
+    value = g.const(node.input[index]) if len(node.input) > index else None
+    return value is not None and value.size == 1
+
+
+def _refuse(layer: str, why: str) -> QConvertError:
+    return QConvertError(f"--conv-kernel qconvert: layer {layer}: {why}; export without the "
+                         "option (the standard QDQ convolutions)")
+
+
+def _geometry(layer: str, conv: onnx.NodeProto, w: np.ndarray) -> dict:
+    attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+    if attrs.get("group", 1) != 1:
+        raise _refuse(layer, f"a grouped convolution (group={attrs['group']}), which "
+                             "QConvClamp does not compute")
+    if any(d != 1 for d in attrs.get("dilations", [1])):
+        raise _refuse(layer, "a dilated convolution, which QConvClamp does not compute")
+    if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        raise _refuse(layer, "auto_pad is set; QConvClamp takes explicit pads")
+    if w.ndim != 4:
+        raise _refuse(layer, f"a {w.ndim - 2}-D convolution; QConvClamp is 2-D")
+    strides = [int(s) for s in attrs.get("strides", [1, 1])]
+    pads = [int(p) for p in attrs.get("pads", [0, 0, 0, 0])]
+    kernel = list(w.shape[2:])
+    if max(strides) > MAX_STRIDE or max(kernel) > MAX_KERNEL or any(
+            p >= k for p, k in zip(pads, kernel * 2, strict=True)):
+        raise _refuse(layer, f"strides {strides}, kernel {kernel}, pads {pads} outside "
+                             f"QConvClamp's bounds (strides <= {MAX_STRIDE}, kernel <= "
+                             f"{MAX_KERNEL}, pads below the kernel)")
+    return {"strides": strides, "pads": pads}
+
+
+def _requantized_output(g: _Graph, layer: str, conv: onnx.NodeProto):
+    """The chain after the Conv: ([Relu,] QuantizeLinear [, Clip]) and (lo, hi, zero point)."""
+    chain, after = [], g.only_reader(conv.output[0])
+    relu = after is not None and after.op_type == "Relu"
+    if relu:
+        chain.append(after)
+        after = g.only_reader(after.output[0])
+    if after is None or after.op_type != "QuantizeLinear":
+        raise _refuse(layer, "its output is not requantized to uint8 by one QuantizeLinear "
+                             "(a float output)")
+    chain.append(after)
+    y_scale, y_zp = g.const(after.input[1]), g.const(after.input[2])
+    if y_scale is None or y_scale.size != 1 or y_zp is None or y_zp.dtype != np.uint8 or \
+            y_zp.size != 1:
+        raise _refuse(layer, "its output grid is not a constant per-tensor uint8 one")
+    zp = int(y_zp.reshape(-1)[0])
+    lo, hi = (zp if relu else 0), 255
+    clip = g.only_reader(after.output[0])
+    if clip is not None and clip.op_type == "Clip":
+        c_lo, c_hi = (g.const(clip.input[i]) if len(clip.input) > i else None for i in (1, 2))
+        if c_lo is not None and c_hi is not None:
+            lo, hi = max(lo, int(c_lo)), min(hi, int(c_hi))
+            chain.append(clip)
+    return chain, np.float32(y_scale.reshape(-1)[0]), (lo, hi, zp)
+
+
+def conv_chain(g: _Graph, layer: str, conv: onnx.NodeProto) -> ConvChain:
+    """The QConvClamp equivalent of one convolution, or a refusal naming the layer."""
+    x = g.dequantized(conv.input[0], np.uint8)
+    w = g.dequantized(conv.input[1], np.int8) if len(conv.input) > 1 else None
+    b = g.dequantized(conv.input[2], np.int32) if len(conv.input) > 2 and conv.input[2] else None
+    if x is None or not all(_per_tensor(g, x[0], i) for i in (1, 2)):
+        raise _refuse(layer, "its input is not uint8 codes with a constant per-tensor scale "
+                             "and zero point")
+    if w is None or w[1] is None:
+        raise _refuse(layer, "its weights are not constant int8 codes")
+    if b is None or b[1] is None:
+        raise _refuse(layer, "it has no constant int32 bias")
+    w_scale = g.const(w[0].input[1])
+    if w_scale is None or w_scale.size not in (1, w[1].shape[0]):
+        raise _refuse(layer, "its weight scale is not constant, per tensor or per channel")
+    w_zp = g.const(w[0].input[2]) if len(w[0].input) > 2 else None
+    if w_zp is not None and np.any(w_zp != 0):
+        raise _refuse(layer, "its weight zero point is not 0")
+    geometry = _geometry(layer, conv, w[1])
+    chain, y_scale, (lo, hi, zp) = _requantized_output(g, layer, conv)
+    x_scale = np.float32(g.const(x[0].input[1]).reshape(-1)[0])
+    w_scale = w_scale.astype(np.float32).reshape(-1)
+    scale = ((x_scale * w_scale) / y_scale).astype(np.float32)  # ORT's order, in float32
+    if scale.size == 1:
+        scale = np.repeat(scale, w[1].shape[0])
+    x_zp = int(g.const(x[0].input[2]).reshape(-1)[0])
+    return ConvChain([conv, *chain], [x[0].input[0], w[0].input[0], b[0].input[0]], scale,
+                     {**geometry, "lo": lo, "hi": hi, "zero_point": zp, "x_zero_point": x_zp})
+
+
+def _layer_names(model: onnx.ModelProto) -> dict[str, str]:
+    """Compute node -> the PyTorch layer it computes (for messages)."""
+    return {r.compute_node: r.name for r in manifest.read(model).layers}
+
+
+def with_qconv_clamp(model: onnx.ModelProto, with_functions: bool = True) -> onnx.ModelProto:
+    """A copy of the integer model ``model`` whose convolutions are all QConvClamp nodes;
+    a QConvertError naming the first layer that cannot be rewritten, and why."""
+    man = manifest.read(model)
+    if man.mode != "integer":
+        raise QConvertError("--conv-kernel qconvert rewrites integer-mode models (--mode integer)")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g, names = _Graph(out.graph), _layer_names(out)
+    chains = [conv_chain(g, names.get(n.name, n.name), n)
+              for n in out.graph.node if n.op_type == "Conv"]
+    if not chains:
+        raise QConvertError("--conv-kernel qconvert: the model has no convolution to rewrite")
+    _replace(out, chains)
+    _use_op_set(out, with_functions)
+    man.conv_kernel = "qconvert"
+    manifest.write(out, man)
+    return out
+
+
+def _replace(model: onnx.ModelProto, chains: list[ConvChain]) -> None:
+    """Each chain's last node becomes its QConvClamp; the others and the constants and
+    DequantizeLinear nodes only they read go."""
+    replaced, drop = {}, set()
+    for chain in chains:
+        conv = chain.nodes[0]
+        name = conv.name or conv.output[0]
+        model.graph.initializer.append(numpy_helper.from_array(chain.scale, f"{name}/qcc_scale"))
+        replaced[id(chain.nodes[-1])] = helper.make_node(
+            "QConvClamp", [*chain.inputs, f"{name}/qcc_scale"], [chain.nodes[-1].output[0]],
+            domain=DOMAIN, name=name, **chain.attrs)
+        drop.update(id(n) for n in chain.nodes[:-1])
+    nodes = [replaced.get(id(n), n) for n in model.graph.node if id(n) not in drop]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    _prune(model)
+
+
+def _prune(model: onnx.ModelProto) -> None:
+    """Drop nodes nobody reads (the weights' and biases' DequantizeLinear), then unread
+    initializers and stale value_info."""
+    graph, wanted = model.graph, {o.name for o in model.graph.output}
+    kept = []
+    for node in reversed(graph.node):
+        if any(o in wanted for o in node.output):
+            kept.append(node)
+            wanted.update(i for i in node.input if i)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    for field, name_of in ((graph.initializer, lambda t: t.name),
+                           (graph.value_info, lambda v: v.name)):
+        keep = [t for t in field if name_of(t) in wanted]
+        del field[:]
+        field.extend(keep)
+
+
+def _use_op_set(model: onnx.ModelProto, with_functions: bool) -> None:
+    """Import the op-set version that has QConvClamp and carry its function body."""
+    imports = [o for o in model.opset_import if o.domain == DOMAIN]
+    if imports:
+        imports[0].version = DOMAIN_VERSION
+    else:
+        model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    if with_functions:
+        opset = next(o.version for o in model.opset_import if o.domain == "")
+        model.functions.extend(functions(opset, {"QConvClamp"}))
