@@ -20,6 +20,7 @@ from ... import manifest
 from ...errors import QConvertError
 from ...ops import DOMAIN, DOMAIN_VERSION, functions
 from ...ops.qconv_clamp import MAX_KERNEL, MAX_STRIDE
+from .edit import prune
 
 
 @dataclass
@@ -190,25 +191,7 @@ def _replace(model: onnx.ModelProto, chains: list[ConvChain]) -> None:
     nodes = [replaced.get(id(n), n) for n in model.graph.node if id(n) not in drop]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    _prune(model)
-
-
-def _prune(model: onnx.ModelProto) -> None:
-    """Drop nodes nobody reads (the weights' and biases' DequantizeLinear), then unread
-    initializers and stale value_info."""
-    graph, wanted = model.graph, {o.name for o in model.graph.output}
-    kept = []
-    for node in reversed(graph.node):
-        if any(o in wanted for o in node.output):
-            kept.append(node)
-            wanted.update(i for i in node.input if i)
-    del graph.node[:]
-    graph.node.extend(reversed(kept))
-    for field, name_of in ((graph.initializer, lambda t: t.name),
-                           (graph.value_info, lambda v: v.name)):
-        keep = [t for t in field if name_of(t) in wanted]
-        del field[:]
-        field.extend(keep)
+    prune(model)
 
 
 def _use_op_set(model: onnx.ModelProto, with_functions: bool) -> None:

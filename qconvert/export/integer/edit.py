@@ -86,3 +86,33 @@ def stock_session(model: onnx.ModelProto) -> ort.InferenceSession:
     """Stock ONNX Runtime on the model's function bodies, for the calibration runs of the
     rewrite (qconvert.runtime sits above export, so export does not use it)."""
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def prune(model: onnx.ModelProto) -> None:
+    """Drop nodes whose outputs nobody reads, then unread initializers, stale value_info,
+    unused functions and op-set imports."""
+    graph = model.graph
+    wanted = {o.name for o in graph.output}
+    kept: list[onnx.NodeProto] = []
+    for node in reversed(graph.node):
+        if any(o in wanted for o in node.output):
+            kept.append(node)
+            wanted.update(i for i in node.input if i)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    read = {i for n in graph.node for i in n.input}
+    inits = [i for i in graph.initializer if i.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    values = {o for n in graph.node for o in n.output}
+    infos = [v for v in graph.value_info if v.name in values]
+    del graph.value_info[:]
+    graph.value_info.extend(infos)
+    used = {(n.domain, n.op_type) for n in graph.node}
+    functions = [f for f in model.functions if (f.domain, f.name) in used]
+    del model.functions[:]
+    model.functions.extend(functions)
+    domains = {d for d, _ in used} | {f.domain for f in functions} | {""}
+    opsets = [o for o in model.opset_import if o.domain in domains]
+    del model.opset_import[:]
+    model.opset_import.extend(opsets)

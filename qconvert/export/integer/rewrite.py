@@ -12,7 +12,7 @@ from ... import manifest
 from ...errors import QConvertError
 from ...manifest import LayerRecord
 from .activations import WIDE_ACT_STEPS, ActInfo, IntAct, int_act
-from .edit import GraphEdit, node_attrs, stock_session
+from .edit import GraphEdit, node_attrs, prune, stock_session
 from .requant import (
     CALIB_BATCH,
     Requant,
@@ -136,31 +136,6 @@ def _rewrite_layer(g: GraphEdit, record: LayerRecord, node: onnx.NodeProto, oute
     return info, requants, final
 
 
-def _prune(model: onnx.ModelProto) -> None:
-    """Drop nodes whose outputs nobody reads, then unread initializers and functions."""
-    graph = model.graph
-    wanted = {o.name for o in graph.output}
-    kept: list[onnx.NodeProto] = []
-    for node in reversed(graph.node):
-        if any(o in wanted for o in node.output):
-            kept.append(node)
-            wanted.update(i for i in node.input if i)
-    del graph.node[:]
-    graph.node.extend(reversed(kept))
-    read = {i for n in graph.node for i in n.input}
-    inits = [i for i in graph.initializer if i.name in read]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
-    used = {(n.domain, n.op_type) for n in graph.node}
-    functions = [f for f in model.functions if (f.domain, f.name) in used]
-    del model.functions[:]
-    model.functions.extend(functions)
-    domains = {d for d, _ in used} | {f.domain for f in functions} | {""}
-    opsets = [o for o in model.opset_import if o.domain in domains]
-    del model.opset_import[:]
-    model.opset_import.extend(opsets)
-
-
 def _residual_summary(model: onnx.ModelProto) -> dict[str, int]:
     """Residual additions by domain: 'quantized' when both inputs come from
     DequantizeLinear and the sum goes to QuantizeLinear (ONNX Runtime fuses it), else
@@ -277,12 +252,12 @@ def _to_integer(model: onnx.ModelProto, outer_bits: int, wide_act_step: str,
     if residual == "quantized":
         requants.extend(residual_requants(g, graph_outputs, quantizers))
     g.assemble()
-    _prune(out)
+    prune(out)
     calibrate(out, requants, _calibration_inputs(man, calib))
     insert_requants(out, requants)
     skip_requantize_pairs(out)
     skip_redundant_clips(out)
-    _prune(out)
+    prune(out)
     manifest.write(out, _integer_manifest(man, outer, layers, _residual_summary(out)))
     try:
         onnx.checker.check_model(out, full_check=True)
