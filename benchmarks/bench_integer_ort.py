@@ -42,7 +42,10 @@ from qconvert.calib import load_calibration  # noqa: E402
 from qconvert.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from qconvert.errors import QConvertError  # noqa: E402
 from qconvert.export.integer import integer_summary, to_integer, with_qconv_clamp  # noqa: E402
-from qconvert.export.onnx_export import build_onnx  # noqa: E402
+from qconvert.export.onnx_export import (  # noqa: E402
+    annotate_custom_op_shapes,
+    build_onnx,
+)
 from qconvert.ops import DOMAIN  # noqa: E402
 from qconvert.preprocess import prepare_inputs  # noqa: E402
 from qconvert.quant import quantize_model  # noqa: E402
@@ -149,6 +152,12 @@ def checkpoint_and_samples(target: str, scheme: str, tmp: Path) -> tuple[Checkpo
                                 ckpt.input.std).numpy()
 
 
+def save_as_exported(model: onnx.ModelProto, path: Path) -> None:
+    """Write ``model`` as ``qconvert export`` would: with its custom ops' output shapes."""
+    annotate_custom_op_shapes(model)
+    onnx.save(model, str(path))
+
+
 def bench_target(target: str, args, tmp: Path) -> list[dict]:
     ckpt, samples = checkpoint_and_samples(target, args.scheme, tmp)
     label = (f"{target} {'x'.join(map(str, ckpt.input.shape[1:]))} (random {args.scheme})"
@@ -161,17 +170,17 @@ def bench_target(target: str, args, tmp: Path) -> list[dict]:
     quantize_u8s8(files["fp32"], files["ort_u8s8"], samples)
     quantize_int8(files["fp32"], files["ort_s8s8"], samples, fast=False)
     exact, _ = build_onnx(ckpt)
-    onnx.save(exact, str(files["exact"]))
+    save_as_exported(exact, files["exact"])
     integer = to_integer(exact, args.bits, calib=samples)
-    onnx.save(integer, str(files["integer"]))
+    save_as_exported(integer, files["integer"])
     print(f"== {label}: {integer_summary(integer)}", flush=True)
-    float_residual = to_integer(exact, args.bits, calib=samples, residual="float")
-    onnx.save(float_residual, str(files["integer_float_residual"]))
-    onnx.save(to_integer(exact, args.bits, calib=samples, residual="quantized"),
-              str(files["integer_quantized_residual"]))
+    save_as_exported(to_integer(exact, args.bits, calib=samples, residual="float"),
+                     files["integer_float_residual"])
+    save_as_exported(to_integer(exact, args.bits, calib=samples, residual="quantized"),
+                     files["integer_quantized_residual"])
     try:  # --conv-kernel qconvert: every convolution one QConvClamp (the library's)
         files["integer_qconv_clamp"] = tmp / "integer_qcc.onnx"
-        onnx.save(with_qconv_clamp(integer), str(files["integer_qconv_clamp"]))
+        save_as_exported(with_qconv_clamp(integer), files["integer_qconv_clamp"])
     except QConvertError as exc:
         del files["integer_qconv_clamp"]
         print(f"   no integer_qconv_clamp row: {exc}", flush=True)
