@@ -20,7 +20,7 @@ from ... import manifest
 from ...errors import QConvertError
 from ...ops import DOMAIN, DOMAIN_VERSION, functions
 from ...ops.qconv_clamp import MAX_KERNEL, MAX_STRIDE
-from .edit import prune
+from .edit import GraphEdit, node_attrs, prune
 
 
 @dataclass
@@ -33,38 +33,30 @@ class ConvChain:
     attrs: dict  # QConvClamp's attributes
 
 
-class _Graph:
-    """Read access to a graph: producers, readers, initializers."""
-
-    def __init__(self, graph: onnx.GraphProto) -> None:
-        self.producer = {o: n for n in graph.node for o in n.output}
-        self.readers: dict[str, list[onnx.NodeProto]] = {}
-        for node in graph.node:
-            for name in node.input:
-                self.readers.setdefault(name, []).append(node)
-        self.inits = {i.name: i for i in graph.initializer}
-        self.outputs = {o.name for o in graph.output}
-
-    def const(self, name: str) -> np.ndarray | None:
-        return numpy_helper.to_array(self.inits[name]) if name in self.inits else None
-
-    def only_reader(self, value: str) -> onnx.NodeProto | None:
-        readers = self.readers.get(value, [])
-        return readers[0] if len(readers) == 1 and value not in self.outputs else None
-
-    def dequantized(self, value: str, dtype) -> tuple[onnx.NodeProto, np.ndarray | None] | None:
-        """The DequantizeLinear producing ``value`` and its stored input when that is a
-        constant of ``dtype`` (None: computed), or None when ``value`` is not dequantized."""
-        node = self.producer.get(value)
-        if node is None or node.op_type != "DequantizeLinear":
-            return None
-        stored = self.const(node.input[0])
-        return node, stored if stored is not None and stored.dtype == dtype else None
+def _constant(g: GraphEdit, name: str) -> np.ndarray | None:
+    return g.array(name) if g.is_const(name) else None
 
 
-def _per_tensor(g: _Graph, node: onnx.NodeProto, index: int) -> bool:
+def _only_reader(g: GraphEdit, value: str) -> onnx.NodeProto | None:
+    readers = g.consumers.get(value, [])
+    outputs = {o.name for o in g.model.graph.output}
+    return readers[0] if len(readers) == 1 and value not in outputs else None
+
+
+def _dequantized(g: GraphEdit, value: str,
+                 dtype) -> tuple[onnx.NodeProto, np.ndarray | None] | None:
+    """The DequantizeLinear producing ``value`` and its stored input when that is a
+    constant of ``dtype`` (None: computed), or None when ``value`` is not dequantized."""
+    node = g.producers.get(value)
+    if node is None or node.op_type != "DequantizeLinear":
+        return None
+    stored = _constant(g, node.input[0])
+    return node, stored if stored is not None and stored.dtype == dtype else None
+
+
+def _per_tensor(g: GraphEdit, node: onnx.NodeProto, index: int) -> bool:
     """``node``'s input ``index`` is a constant with one element."""
-    value = g.const(node.input[index]) if len(node.input) > index else None
+    value = _constant(g, node.input[index]) if len(node.input) > index else None
     return value is not None and value.size == 1
 
 
@@ -74,7 +66,7 @@ def _refuse(layer: str, why: str) -> QConvertError:
 
 
 def _geometry(layer: str, conv: onnx.NodeProto, w: np.ndarray) -> dict:
-    attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+    attrs = node_attrs(conv)
     if attrs.get("group", 1) != 1:
         raise _refuse(layer, f"a grouped convolution (group={attrs['group']}), which "
                              "QConvClamp does not compute")
@@ -95,37 +87,37 @@ def _geometry(layer: str, conv: onnx.NodeProto, w: np.ndarray) -> dict:
     return {"strides": strides, "pads": pads}
 
 
-def _requantized_output(g: _Graph, layer: str, conv: onnx.NodeProto):
+def _requantized_output(g: GraphEdit, layer: str, conv: onnx.NodeProto):
     """The chain after the Conv: ([Relu,] QuantizeLinear [, Clip]) and (lo, hi, zero point)."""
-    chain, after = [], g.only_reader(conv.output[0])
+    chain, after = [], _only_reader(g, conv.output[0])
     relu = after is not None and after.op_type == "Relu"
     if relu:
         chain.append(after)
-        after = g.only_reader(after.output[0])
+        after = _only_reader(g, after.output[0])
     if after is None or after.op_type != "QuantizeLinear":
         raise _refuse(layer, "its output is not requantized to uint8 by one QuantizeLinear "
                              "(a float output)")
     chain.append(after)
-    y_scale, y_zp = g.const(after.input[1]), g.const(after.input[2])
+    y_scale, y_zp = _constant(g, after.input[1]), _constant(g, after.input[2])
     if y_scale is None or y_scale.size != 1 or y_zp is None or y_zp.dtype != np.uint8 or \
             y_zp.size != 1:
         raise _refuse(layer, "its output grid is not a constant per-tensor uint8 one")
     zp = int(y_zp.reshape(-1)[0])
     lo, hi = (zp if relu else 0), 255
-    clip = g.only_reader(after.output[0])
+    clip = _only_reader(g, after.output[0])
     if clip is not None and clip.op_type == "Clip":
-        c_lo, c_hi = (g.const(clip.input[i]) if len(clip.input) > i else None for i in (1, 2))
+        c_lo, c_hi = (_constant(g, clip.input[i]) if len(clip.input) > i else None for i in (1, 2))
         if c_lo is not None and c_hi is not None:
             lo, hi = max(lo, int(c_lo)), min(hi, int(c_hi))
             chain.append(clip)
     return chain, np.float32(y_scale.reshape(-1)[0]), (lo, hi, zp)
 
 
-def conv_chain(g: _Graph, layer: str, conv: onnx.NodeProto) -> ConvChain:
+def conv_chain(g: GraphEdit, layer: str, conv: onnx.NodeProto) -> ConvChain:
     """The QConvClamp equivalent of one convolution, or a refusal naming the layer."""
-    x = g.dequantized(conv.input[0], np.uint8)
-    w = g.dequantized(conv.input[1], np.int8) if len(conv.input) > 1 else None
-    b = g.dequantized(conv.input[2], np.int32) if len(conv.input) > 2 and conv.input[2] else None
+    x = _dequantized(g, conv.input[0], np.uint8)
+    w = _dequantized(g, conv.input[1], np.int8) if len(conv.input) > 1 else None
+    b = _dequantized(g, conv.input[2], np.int32) if len(conv.input) > 2 and conv.input[2] else None
     if x is None or not all(_per_tensor(g, x[0], i) for i in (1, 2)):
         raise _refuse(layer, "its input is not uint8 codes with a constant per-tensor scale "
                              "and zero point")
@@ -133,20 +125,20 @@ def conv_chain(g: _Graph, layer: str, conv: onnx.NodeProto) -> ConvChain:
         raise _refuse(layer, "its weights are not constant int8 codes")
     if b is None or b[1] is None:
         raise _refuse(layer, "it has no constant int32 bias")
-    w_scale = g.const(w[0].input[1])
+    w_scale = _constant(g, w[0].input[1])
     if w_scale is None or w_scale.size not in (1, w[1].shape[0]):
         raise _refuse(layer, "its weight scale is not constant, per tensor or per channel")
-    w_zp = g.const(w[0].input[2]) if len(w[0].input) > 2 else None
+    w_zp = _constant(g, w[0].input[2]) if len(w[0].input) > 2 else None
     if w_zp is not None and np.any(w_zp != 0):
         raise _refuse(layer, "its weight zero point is not 0")
     geometry = _geometry(layer, conv, w[1])
     chain, y_scale, (lo, hi, zp) = _requantized_output(g, layer, conv)
-    x_scale = np.float32(g.const(x[0].input[1]).reshape(-1)[0])
+    x_scale = np.float32(_constant(g, x[0].input[1]).reshape(-1)[0])
     w_scale = w_scale.astype(np.float32).reshape(-1)
     scale = ((x_scale * w_scale) / y_scale).astype(np.float32)  # ORT's order, in float32
     if scale.size == 1:
         scale = np.repeat(scale, w[1].shape[0])
-    x_zp = int(g.const(x[0].input[2]).reshape(-1)[0])
+    x_zp = int(_constant(g, x[0].input[2]).reshape(-1)[0])
     return ConvChain([conv, *chain], [x[0].input[0], w[0].input[0], b[0].input[0]], scale,
                      {**geometry, "lo": lo, "hi": hi, "zero_point": zp, "x_zero_point": x_zp})
 
@@ -164,7 +156,7 @@ def with_qconv_clamp(model: onnx.ModelProto, with_functions: bool = True) -> onn
         raise QConvertError("--conv-kernel qconvert rewrites integer-mode models (--mode integer)")
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    g, names = _Graph(out.graph), _layer_names(out)
+    g, names = GraphEdit(out), _layer_names(out)
     chains = [conv_chain(g, names.get(n.name, n.name), n)
               for n in out.graph.node if n.op_type == "Conv"]
     if not chains:
