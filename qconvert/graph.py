@@ -86,7 +86,8 @@ def cut(model: onnx.ModelProto, removed: list[str]) -> onnx.ModelProto:
     probed = [v for v in scope_inputs(model.graph, cut_nodes)
               if v in made_by_kept and v not in made_by_cut]
     outputs = [o for o in model.graph.output if o.name not in made_by_cut]
-    probed = [v for v in dict.fromkeys(probed) if v not in {o.name for o in outputs}]
+    returned = {o.name for o in outputs}
+    probed = [v for v in dict.fromkeys(probed) if v not in returned]
     out = onnx.ModelProto()
     out.CopyFrom(model)
     del out.graph.node[:]
