@@ -53,6 +53,7 @@ from bench_integer_ort import (  # noqa: E402
     plain_session,
     quantize_u8s8,
     repeats_for,
+    save_as_exported,
 )
 
 from qconvert import native  # noqa: E402
@@ -266,11 +267,11 @@ def bench_network(target: str, rounds: int, clock) -> None:
         quantize_u8s8(files["fp32"], files["ort_u8s8"], samples)
         exact, _ = build_onnx(ckpt)
         integer = to_integer(exact, 8, calib=samples)
-        onnx.save(integer, str(files["integer"]))
+        save_as_exported(integer, files["integer"])
         convs = sum(n.op_type == "Conv" for n in integer.graph.node)
         rewritten = with_qconv_clamp(integer)  # what --conv-kernel qconvert writes
         replaced = sum(n.op_type == "QConvClamp" for n in rewritten.graph.node)
-        onnx.save(rewritten, str(files["integer_qconv_clamp"]))
+        save_as_exported(rewritten, files["integer_qconv_clamp"])
         print(f"== {Path(target).stem}: {replaced} of {convs} convolutions as QConvClamp",
               flush=True)
         sessions = {k: plain_session(p, 1) for k, p in files.items()}
