@@ -180,6 +180,17 @@ def test_early_check_admits_what_the_rewrite_rewrites(resnet20_exact):
     check_qconv_clamp(resnet20_exact)  # ResNet-20: every convolution rewritten (above)
 
 
+def test_early_check_refuses_a_convolution_left_in_float(resnet20_exact):
+    """A Conv that is no quantized layer's compute node stays float in integer mode."""
+    model = onnx.ModelProto()
+    model.CopyFrom(resnet20_exact)
+    model.graph.node.append(helper.make_node("Conv", ["x_float", "w_float"], ["y_float"],
+                                             name="float_conv"))
+    with pytest.raises(QConvertError, match="layer float_conv: not a quantized layer, so "
+                                            "integer mode leaves it in float"):
+        check_qconv_clamp(model)
+
+
 ASQ = ROOT / "models" / "checkpoints" / "digits_cnn-asq-lsq-w2a2.pt"
 PER_SAMPLE = ("its input is ASQ-quantized, and ASQ's per-sample activation step cannot be "
               "folded into QConvClamp's per-channel constant multiplier; export without "
