@@ -5,7 +5,9 @@ codes as ONNX Runtime's QLinearConv + Clip in one native kernel.
 
 All or nothing: a QLinearConv left in the graph is run NHWC by ONNX Runtime, which then
 puts transposes between it and the NCHW custom nodes, so a convolution that cannot be
-rewritten refuses the whole option, naming the layer and the reason.
+rewritten refuses the whole option, naming the layer and the reason. What the model's
+structure decides is refused earlier, on the exact-mode model (``check_qconv_clamp``),
+before integer mode calibrates.
 """
 
 from __future__ import annotations
