@@ -7,7 +7,8 @@ elsewhere on a shared machine hits them alike: ratios are measured side by side.
 The exported file is timed twice: as a plain ``onnxruntime.InferenceSession`` with the
 native library registered (what a C++, C# or Java user gets) and as qconvert's session,
 which also rewrites the graph at load (the NCHWc splice of qconvert/nchwc.py, a
-session-time optimization only).
+session-time optimization only). Integer mode (b' = 8) is timed as a plain load, with and
+without ``--conv-kernel qconvert`` (the same integer model, its convolutions rewritten).
 Tables and plots: ``bench_report``.
 """
 
@@ -30,7 +31,8 @@ from .archs import build_architecture
 from .calib import CalibData
 from .checkpoint import Checkpoint
 from .errors import QConvertError
-from .export.onnx_export import export_checkpoint, quiet_exporter
+from .export.integer import with_qconv_clamp
+from .export.onnx_export import export_checkpoint, quiet_exporter, write_exported
 from .inspect_model import inspect_model
 from .native import QUIET_LOGS, library_path, register
 from .preprocess import prepare_inputs
@@ -41,6 +43,7 @@ Runner = Callable[[np.ndarray], np.ndarray]
 PLAIN = "plain load (ORT + library)"
 SESSION = "qconvert session"
 INTEGER = "integer b'=8 (plain load)"
+QCONV_CLAMP = "integer b'=8 QConvClamp"  # the --conv-kernel qconvert file, plain load
 STOCK = "stock ORT (function bodies)"
 FP32 = "FP32 ONNX (ORT)"
 EAGER = "PyTorch eager QAT"
@@ -191,6 +194,21 @@ def _validation_throughput(ckpt: Checkpoint, onnx_path: Path, inputs: np.ndarray
     return len(inputs) / validate_s, len(inputs) / bare_s
 
 
+def _export_integer(ckpt: Checkpoint, calib: np.ndarray, int_path: Path,
+                    qcc_path: Path) -> list[str]:
+    """The integer file (b' = 8) and its ``--conv-kernel qconvert`` twin, rewritten from
+    the same integer model (one calibration); notes for the files a model does not admit."""
+    try:
+        integer = export_checkpoint(ckpt, int_path, outer_bits=8, integer_calib=calib).model
+    except QConvertError as exc:  # a model integer mode does not rewrite: no row
+        return [f"no integer-mode row: {exc}"]
+    try:
+        write_exported(with_qconv_clamp(integer), qcc_path)
+    except QConvertError as exc:
+        return [f"no QConvClamp row: {exc}"]
+    return []
+
+
 def run_bench(ckpt: Checkpoint, data: CalibData, threads: int = 1, rounds: int = 30,
               batches: tuple[int, ...] = (1, 32), log=print) -> BenchResult:
     torch.set_num_threads(threads)
@@ -200,6 +218,7 @@ def run_bench(ckpt: Checkpoint, data: CalibData, threads: int = 1, rounds: int =
         tmp = Path(tmp)
         fp32_path, q_path = tmp / "fp32.onnx", tmp / "q.onnx"
         u8s8_path, s8s8_path, int_path = tmp / "u8s8.onnx", tmp / "s8s8.onnx", tmp / "int.onnx"
+        qcc_path = tmp / "int_qconv_clamp.onnx"
         log("exporting: float architecture, then qconvert")
         float_seconds = export_float(float_model(ckpt), ckpt.input.shape, fp32_path)
         started = time.perf_counter()
@@ -208,18 +227,15 @@ def run_bench(ckpt: Checkpoint, data: CalibData, threads: int = 1, rounds: int =
         log("calibrating the int8 baselines and qconvert's integer mode")
         quantize_int8(fp32_path, u8s8_path, inputs[:256])
         quantize_int8(fp32_path, s8s8_path, inputs[:256], fast=False)
-        notes = []
-        try:
-            export_checkpoint(ckpt, int_path, outer_bits=8, integer_calib=inputs[:256])
-        except QConvertError as exc:  # a model integer mode does not rewrite: no row
-            notes.append(f"no integer-mode row: {exc}")
+        notes = _export_integer(ckpt, inputs[:256], int_path, qcc_path)
         candidates = []
         q_bytes = q_path.stat().st_size
         if library_path() is not None:
             candidates += [Candidate(PLAIN, _plain_runner(q_path, threads), q_bytes),
                            Candidate(SESSION, _ort_runner(q_path, "native", threads), q_bytes),
-                           *([Candidate(INTEGER, _plain_runner(int_path, threads),
-                                        int_path.stat().st_size)] if int_path.exists() else [])]
+                           *[Candidate(name, _plain_runner(path, threads), path.stat().st_size)
+                             for name, path in ((INTEGER, int_path), (QCONV_CLAMP, qcc_path))
+                             if path.exists()]]
         else:
             notes.append("native library not built (make ops): no plain-load or session row")
         candidates += [

@@ -459,7 +459,8 @@ def bench(checkpoint: Path, calib: Path | None, synthetic: int, threads: int, ro
           as_json: bool, report: Path | None, plot: Path | None) -> None:
     """Latency, size and fidelity of CHECKPOINT's export against the alternatives: the
     file loaded plainly in ONNX Runtime (library registered) and in qconvert's session,
-    FP32 ONNX, int8 QDQ and PyTorch eager, timed in interleaved rounds."""
+    the integer-mode file with and without --conv-kernel qconvert, FP32 ONNX, int8 QDQ
+    and PyTorch eager, timed in interleaved rounds."""
     from . import bench as bench_mod
     from . import bench_report
     from . import calib as calib_data

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from click.testing import CliRunner
 from onnx import helper
 
@@ -23,7 +24,7 @@ from qconvert import manifest
 from qconvert.calib import load_calibration
 from qconvert.cli import main
 from qconvert.errors import QConvertError
-from qconvert.export.integer import to_integer, with_qconv_clamp
+from qconvert.export.integer import check_qconv_clamp, to_integer, with_qconv_clamp
 from qconvert.export.onnx_export import build_onnx
 from qconvert.native import library_path, register
 from qconvert.preprocess import prepare_inputs
@@ -40,13 +41,18 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def resnet20():
+def resnet20_exact() -> onnx.ModelProto:
+    exact, _ = build_onnx(qconvert.load_checkpoint(RESNET20))
+    return exact
+
+
+@pytest.fixture(scope="module")
+def resnet20(resnet20_exact):
     """(checkpoint, its calibration inputs, the standard integer model)."""
     ckpt = qconvert.load_checkpoint(RESNET20)
     data = load_calibration(CALIB, ckpt.input.shape)
     x = prepare_inputs(data.x, ckpt.input.shape, ckpt.input.mean, ckpt.input.std).numpy()
-    exact, _ = build_onnx(ckpt)
-    return ckpt, x, to_integer(exact, 8, calib=x)
+    return ckpt, x, to_integer(resnet20_exact, 8, calib=x)
 
 
 def _outputs(model: onnx.ModelProto, x: np.ndarray, library: bool) -> np.ndarray:
@@ -149,17 +155,115 @@ def test_refuses_naming_the_layer(resnet20, change, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_cli_refuses_depthwise_in_one_line(tmp_path):
-    """MobileNetV2's depthwise convolutions: exit 2, one line naming the layer."""
-    path = ROOT / "models" / "checkpoints" / "mobilenetv2_small-lcq-w4a4.pt"
+@pytest.mark.parametrize("change, message", [
+    ("group", "layer layers.0.conv1: a grouped convolution (group=2)"),
+    ("dilations", "layer layers.0.conv1: a dilated convolution"),
+    ("stride", "layer layers.0.conv1: strides [5, 5]"),
+])
+def test_early_check_refuses_as_the_rewrite_does(resnet20_exact, resnet20, change, message):
+    """The check on the exact-mode model (before calibration) and the rewrite of the
+    integer model refuse the same geometry in the same words."""
+    refusals = []
+    for model, refuse in ((resnet20_exact, check_qconv_clamp), (resnet20[2], with_qconv_clamp)):
+        changed = onnx.ModelProto()
+        changed.CopyFrom(model)
+        conv = _first_conv(changed, skip=1)
+        _set_attribute(conv, *{"group": ("group", 2), "dilations": ("dilations", [2, 2]),
+                               "stride": ("strides", [5, 5])}[change])
+        with pytest.raises(QConvertError) as err:
+            refuse(changed)
+        refusals.append(str(err.value))
+    assert refusals[0] == refusals[1] and message in refusals[0]
+
+
+def test_early_check_admits_what_the_rewrite_rewrites(resnet20_exact):
+    check_qconv_clamp(resnet20_exact)  # ResNet-20: every convolution rewritten (above)
+
+
+def test_early_check_refuses_a_convolution_left_in_float(resnet20_exact):
+    """A Conv that is no quantized layer's compute node stays float in integer mode."""
+    model = onnx.ModelProto()
+    model.CopyFrom(resnet20_exact)
+    model.graph.node.append(helper.make_node("Conv", ["x_float", "w_float"], ["y_float"],
+                                             name="float_conv"))
+    with pytest.raises(QConvertError, match="layer float_conv: not a quantized layer, so "
+                                            "integer mode leaves it in float"):
+        check_qconv_clamp(model)
+
+
+ASQ = ROOT / "models" / "checkpoints" / "digits_cnn-asq-lsq-w2a2.pt"
+PER_SAMPLE = ("its input is ASQ-quantized, and ASQ's per-sample activation step cannot be "
+              "folded into QConvClamp's per-channel constant multiplier; export without "
+              "--conv-kernel")
+
+
+def _first_asq_conv(ckpt) -> str:
+    """From the PyTorch model: the first convolution whose input quantizer is ASQ's."""
+    return next(name for name, m in ckpt.model.named_modules()
+                if isinstance(m, torch.nn.Conv2d)
+                and type(m.act_quant).__name__ == "ASQQuantizer")
+
+
+def test_asq_refusal_names_the_per_sample_step():
+    """Both the early check and the rewrite of an ASQ integer model give the real cause,
+    not a symptom of the rewritten graph (a missing int32 bias)."""
+    if not ASQ.is_file():
+        pytest.skip("no shipped ASQ checkpoint")
+    ckpt = qconvert.load_checkpoint(ASQ)
+    exact, _ = build_onnx(ckpt)
+    want = f"--conv-kernel qconvert: layer {_first_asq_conv(ckpt)}: {PER_SAMPLE}"
+    for refuse, model in ((check_qconv_clamp, exact), (with_qconv_clamp, to_integer(exact, 8))):
+        with pytest.raises(QConvertError) as err:
+            refuse(model)
+        assert str(err.value).startswith(want) and "\n" not in str(err.value)
+
+
+@pytest.fixture
+def no_calibration(monkeypatch) -> list[str]:
+    """Integer mode's rewrite and calibration entry points, failing loudly: the names of
+    those called."""
+    import qconvert.export.integer.rewrite as rewrite
+    import qconvert.export.onnx_export as onnx_export
+    import qconvert.integer_search as integer_search
+
+    called = []
+
+    def forbidden(name):
+        def fail(*args, **kwargs):
+            called.append(name)
+            raise AssertionError(f"{name} ran before the refusal")
+        return fail
+
+    for module, name in ((onnx_export, "to_integer"), (integer_search, "to_integer"),
+                         (rewrite, "calibrate")):
+        monkeypatch.setattr(module, name, forbidden(f"{module.__name__}.{name}"))
+    return called
+
+
+def _first_grouped_conv(ckpt) -> str:
+    return next(name for name, m in ckpt.model.named_modules()
+                if isinstance(m, torch.nn.Conv2d) and m.groups > 1)
+
+
+@pytest.mark.parametrize("name, first_refused, why, options", [
+    ("mobilenetv2_small-lcq-w4a4.pt", _first_grouped_conv, "a grouped convolution (group=", []),
+    ("resnet20-asq-post-w4a4.pt", _first_asq_conv, PER_SAMPLE,
+     ["--outer-bits", "auto", "--calib", str(CALIB)]),
+])
+def test_cli_refuses_before_calibrating(tmp_path, no_calibration, name, first_refused, why,
+                                        options):
+    """MobileNetV2's depthwise convolutions, ASQ's per-sample steps: exit 2, one line naming
+    the layer, before integer mode rewrites or calibrates anything (nor measures b')."""
+    path = ROOT / "models" / "checkpoints" / name
     if not path.is_file():
-        pytest.skip("no shipped MobileNetV2 checkpoint")
+        pytest.skip(f"no shipped {name}")
     out = tmp_path / "m.onnx"
     result = CliRunner().invoke(main, ["export", str(path), "-o", str(out), "--mode", "integer",
-                                       "--conv-kernel", "qconvert"])
-    assert result.exit_code == 2
+                                       "--conv-kernel", "qconvert", *options])
+    assert no_calibration == [] and result.exit_code == 2, result.output
     error = [line for line in result.output.splitlines() if line.startswith("error")]
-    assert len(error) == 1 and "a grouped convolution" in error[0] and "layer " in error[0]
+    layer = first_refused(qconvert.load_checkpoint(path))
+    assert len(error) == 1 and f"--conv-kernel qconvert: layer {layer}: {why}" in error[0]
     assert not out.exists()
 
 

@@ -25,7 +25,7 @@ from ..manifest import INPUT_NAME, OUTPUT_NAME, LayerRecord, Manifest, WeightRec
 from ..ops import DOMAIN, DOMAIN_VERSION, MAX_OPSET, MIN_OPSET, OPS, functions, translation_table
 from ..quant import quantized_layers
 from .deploy import DeployedLayer, to_deploy
-from .integer import to_integer, with_qconv_clamp
+from .integer import check_qconv_clamp, to_integer, with_qconv_clamp
 from .weight_decode import fold_constant_decodes, is_weight_decode
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -335,12 +335,20 @@ def export_checkpoint(ckpt: Checkpoint, out: str | Path, opset: int = 20,
     check_output_path(out, force)  # fail before the slow part
     model, layers = build_onnx(ckpt, opset, with_functions, progress)
     if outer_bits is not None:
+        if conv_kernel == "qconvert":
+            check_qconv_clamp(model)  # before b' is measured and the integer model calibrated
         bits = outer_bits(model) if callable(outer_bits) else outer_bits
         model = to_integer(model, bits, calib=integer_calib)
         if conv_kernel == "qconvert":
             model = with_qconv_clamp(model, with_functions)
     elif conv_kernel != "standard":
         raise QConvertError(f"conv_kernel {conv_kernel!r} applies to integer mode only")
-    annotate_custom_op_shapes(model)
-    size = write_atomically(model, out, force)
+    size = write_exported(model, out, force)
     return ExportResult(out, model, layers, size)
+
+
+def write_exported(model: onnx.ModelProto, out: Path, force: bool = False) -> int:
+    """Write ``model`` as the export does (its custom ops' output shapes recorded); its
+    size in bytes."""
+    annotate_custom_op_shapes(model)
+    return write_atomically(model, out, force)

@@ -5,7 +5,9 @@ codes as ONNX Runtime's QLinearConv + Clip in one native kernel.
 
 All or nothing: a QLinearConv left in the graph is run NHWC by ONNX Runtime, which then
 puts transposes between it and the NCHW custom nodes, so a convolution that cannot be
-rewritten refuses the whole option, naming the layer and the reason.
+rewritten refuses the whole option, naming the layer and the reason. What the model's
+structure decides is refused earlier, on the exact-mode model (``check_qconv_clamp``),
+before integer mode calibrates.
 """
 
 from __future__ import annotations
@@ -61,12 +63,15 @@ def _per_tensor(g: GraphEdit, node: onnx.NodeProto, index: int) -> bool:
 
 
 def _refuse(layer: str, why: str) -> QConvertError:
-    return QConvertError(f"--conv-kernel qconvert: layer {layer}: {why}; export without the "
-                         "option (the standard QDQ convolutions)")
+    return QConvertError(f"--conv-kernel qconvert: layer {layer}: {why}; export without "
+                         "--conv-kernel (the standard QDQ convolutions)")
 
 
-def _geometry(layer: str, conv: onnx.NodeProto, w: np.ndarray) -> dict:
-    attrs = node_attrs(conv)
+def qconv_clamp_geometry(layer: str, attrs: dict, kernel: list[int]) -> dict:
+    """What QConvClamp computes, stated once: a 2-D, ungrouped, undilated convolution with
+    explicit pads, strides and kernel within the native kernel's bounds. ``attrs``: the
+    Conv node's attributes (the exact-mode and integer models' Conv nodes carry the same),
+    ``kernel``: the weight's spatial shape. Its QConvClamp attributes, or a refusal."""
     if attrs.get("group", 1) != 1:
         raise _refuse(layer, f"a grouped convolution (group={attrs['group']}), which "
                              "QConvClamp does not compute")
@@ -74,17 +79,22 @@ def _geometry(layer: str, conv: onnx.NodeProto, w: np.ndarray) -> dict:
         raise _refuse(layer, "a dilated convolution, which QConvClamp does not compute")
     if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
         raise _refuse(layer, "auto_pad is set; QConvClamp takes explicit pads")
-    if w.ndim != 4:
-        raise _refuse(layer, f"a {w.ndim - 2}-D convolution; QConvClamp is 2-D")
+    if len(kernel) != 2:
+        raise _refuse(layer, f"a {len(kernel)}-D convolution; QConvClamp is 2-D")
     strides = [int(s) for s in attrs.get("strides", [1, 1])]
     pads = [int(p) for p in attrs.get("pads", [0, 0, 0, 0])]
-    kernel = list(w.shape[2:])
+    kernel = [int(k) for k in kernel]
     if max(strides) > MAX_STRIDE or max(kernel) > MAX_KERNEL or any(
             p >= k for p, k in zip(pads, kernel * 2, strict=True)):
         raise _refuse(layer, f"strides {strides}, kernel {kernel}, pads {pads} outside "
                              f"QConvClamp's bounds (strides <= {MAX_STRIDE}, kernel <= "
                              f"{MAX_KERNEL}, pads below the kernel)")
     return {"strides": strides, "pads": pads}
+
+
+def _per_sample_step(layer: str) -> QConvertError:
+    return _refuse(layer, "its input is ASQ-quantized, and ASQ's per-sample activation step "
+                          "cannot be folded into QConvClamp's per-channel constant multiplier")
 
 
 def _requantized_output(g: GraphEdit, layer: str, conv: onnx.NodeProto):
@@ -131,7 +141,7 @@ def conv_chain(g: GraphEdit, layer: str, conv: onnx.NodeProto) -> ConvChain:
     w_zp = _constant(g, w[0].input[2]) if len(w[0].input) > 2 else None
     if w_zp is not None and np.any(w_zp != 0):
         raise _refuse(layer, "its weight zero point is not 0")
-    geometry = _geometry(layer, conv, w[1])
+    geometry = qconv_clamp_geometry(layer, node_attrs(conv), list(w[1].shape[2:]))
     chain, y_scale, (lo, hi, zp) = _requantized_output(g, layer, conv)
     x_scale = np.float32(_constant(g, x[0].input[1]).reshape(-1)[0])
     w_scale = w_scale.astype(np.float32).reshape(-1)
@@ -148,6 +158,36 @@ def _layer_names(model: onnx.ModelProto) -> dict[str, str]:
     return {r.compute_node: r.name for r in manifest.read(model).layers}
 
 
+def _convolutions(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    if not convs:
+        raise QConvertError("--conv-kernel qconvert: the model has no convolution to rewrite")
+    return convs
+
+
+def check_qconv_clamp(model: onnx.ModelProto) -> None:
+    """Refuse, from the exact-mode model ``model`` alone, what with_qconv_clamp would refuse
+    for the model's structure (geometry, ASQ's per-sample steps, convolutions integer mode
+    leaves in float): the export calls it before integer mode's calibration, so such a
+    refusal costs the user seconds, not the calibration's minutes. What depends on the
+    rewritten graph (how an output is requantized) is still checked by the rewrite."""
+    man = manifest.read(model)
+    if man.mode != "exact":
+        raise QConvertError(f"check_qconv_clamp reads the exact-mode model, not {man.mode}")
+    records = {r.compute_node: r for r in man.layers}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for conv in _convolutions(model):
+        record = records.get(conv.name)
+        if record is None:
+            raise _refuse(conv.name or conv.output[0], "not a quantized layer, so integer "
+                                                       "mode leaves it in float")
+        quantizer = producers.get(conv.input[0])
+        if quantizer is not None and quantizer.domain == DOMAIN and \
+                quantizer.op_type == "AdaptiveStep":
+            raise _per_sample_step(record.name)
+        qconv_clamp_geometry(record.name, node_attrs(conv), record.weight.shape[2:])
+
+
 def with_qconv_clamp(model: onnx.ModelProto, with_functions: bool = True) -> onnx.ModelProto:
     """A copy of the integer model ``model`` whose convolutions are all QConvClamp nodes;
     a QConvertError naming the first layer that cannot be rewritten, and why."""
@@ -157,10 +197,12 @@ def with_qconv_clamp(model: onnx.ModelProto, with_functions: bool = True) -> onn
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g, names = GraphEdit(out), _layer_names(out)
-    chains = [conv_chain(g, names.get(n.name, n.name), n)
-              for n in out.graph.node if n.op_type == "Conv"]
-    if not chains:
-        raise QConvertError("--conv-kernel qconvert: the model has no convolution to rewrite")
+    chains = []
+    for conv in _convolutions(out):
+        layer = names.get(conv.name, conv.name)
+        if man.integer.get(layer, {}).get("act", {}).get("kind") == "asq":
+            raise _per_sample_step(layer)
+        chains.append(conv_chain(g, layer, conv))
     _replace(out, chains)
     _use_op_set(out, with_functions)
     man.conv_kernel = "qconvert"
