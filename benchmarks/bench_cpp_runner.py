@@ -52,7 +52,7 @@ def bound_run(session: ort.InferenceSession, x: np.ndarray):
     for output in session.get_outputs():
         binding.bind_output(output.name)
     session.run_with_iobinding(binding)
-    for output, value in zip(session.get_outputs(), binding.get_outputs()):
+    for output, value in zip(session.get_outputs(), binding.get_outputs(), strict=True):
         binding.bind_ortvalue_output(output.name, value)
     return lambda: session.run_with_iobinding(binding)
 
