@@ -19,13 +19,36 @@ namespace qconvert {
 
 namespace {
 
-// Adds taps [t0, t1) into R x B int16 sums.
+// The two ways a tap's pair sums (vpmaddubsw) join a running sum: in int16, or widened
+// at once to int32 (vpmaddwd by 1, as MLAS does) for codes whose single tap may already
+// reach the int16 range.
+struct AddInt16 {
+  QC_TARGET_AVX2 __m256i operator()(__m256i sum, __m256i pairs) const {
+    return _mm256_add_epi16(sum, pairs);
+  }
+};
+struct AddWidened {
+  QC_TARGET_AVX2 __m256i operator()(__m256i sum, __m256i pairs) const {
+    return _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+  }
+};
+
+template <int R, int B>
+QC_TARGET_AVX2 inline void SetZero(__m256i (&acc)[R][B]) {
+  #pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    #pragma GCC unroll 8
+    for (int o = 0; o < B; ++o) acc[r][o] = _mm256_setzero_si256();
+  }
+}
+
+// Adds taps [t0, t1) into R x B sums.
 // Position lanes: a[r] = 8 positions' words (a load), b = one channel's word (broadcast).
 // Channel lanes: a[r] = one position's word (broadcast), b = 8 channels' words (a load).
-template <int R, int B, bool kChannelLanes>
+template <int R, int B, bool kChannelLanes, typename Add>
 QC_TARGET_AVX2 inline void AddTaps(const uint32_t* const (&at)[R], const int64_t* taps,
                                    int64_t t0, int64_t t1, const uint32_t* w, int64_t stride,
-                                   __m256i (&acc16)[R][B]) {
+                                   __m256i (&acc)[R][B], Add add) {
   // Channel lanes: weights [M/8][taps][8], so channel vector o is `stride` words on.
   constexpr int64_t kWordsPerTap = kChannelLanes ? kLanes : B;
   for (int64_t t = t0; t < t1; ++t) {
@@ -43,9 +66,7 @@ QC_TARGET_AVX2 inline void AddTaps(const uint32_t* const (&at)[R], const int64_t
           kChannelLanes ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + o * stride))
                         : _mm256_set1_epi32(int32_t(wt[o]));
       #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        acc16[r][o] = _mm256_add_epi16(acc16[r][o], _mm256_maddubs_epi16(a[r], b));
-      }
+      for (int r = 0; r < R; ++r) acc[r][o] = add(acc[r][o], _mm256_maddubs_epi16(a[r], b));
     }
   }
 }
@@ -112,56 +133,16 @@ QC_TARGET_AVX2 inline void AddTaps8(const uint32_t* const (&at)[R], const int64_
   }
 }
 
-// acc32 = the sums of all taps, each product pair widened at once (vpmaddwd by 1), as
-// MLAS does: for codes whose single tap may already reach the int16 range.
-template <int R, int B, bool kChannelLanes>
-QC_TARGET_AVX2 inline void AddTapsWidened(const uint32_t* const (&at)[R], const int64_t* taps,
-                                          int64_t ntaps, const uint32_t* w, int64_t stride,
-                                          __m256i (&acc32)[R][B]) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  constexpr int64_t kWordsPerTap = kChannelLanes ? kLanes : B;
-  #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    #pragma GCC unroll 8
-    for (int o = 0; o < B; ++o) acc32[r][o] = _mm256_setzero_si256();
-  }
-  for (int64_t t = 0; t < ntaps; ++t) {
-    const uint32_t* wt = w + t * kWordsPerTap;
-    const int64_t tap = taps[t];
-    __m256i a[R];
-    #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      a[r] = kChannelLanes ? _mm256_set1_epi32(int32_t(at[r][tap]))
-                           : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at[r] + tap));
-    }
-    #pragma GCC unroll 8
-    for (int o = 0; o < B; ++o) {
-      const __m256i b =
-          kChannelLanes ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + o * stride))
-                        : _mm256_set1_epi32(int32_t(wt[o]));
-      #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        acc32[r][o] = _mm256_add_epi32(
-            acc32[r][o], _mm256_madd_epi16(_mm256_maddubs_epi16(a[r], b), ones));
-      }
-    }
-  }
-}
-
 // acc16 = the sums of taps [t0, t1).
 template <int R, int B, bool kChannelLanes>
 QC_TARGET_AVX2 inline void SumRun(const uint32_t* const (&at)[R], const int64_t* taps, int64_t t0,
                                   int64_t t1, const uint32_t* w, int64_t stride,
                                   __m256i (&acc16)[R][B]) {
-  #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    #pragma GCC unroll 8
-    for (int o = 0; o < B; ++o) acc16[r][o] = _mm256_setzero_si256();
-  }
+  SetZero(acc16);
   if constexpr (R * B == 8) {
     AddTaps8<kChannelLanes, R, B>(at, taps, t0, t1, w, stride, acc16);
   } else {
-    AddTaps<R, B, kChannelLanes>(at, taps, t0, t1, w, stride, acc16);
+    AddTaps<R, B, kChannelLanes>(at, taps, t0, t1, w, stride, acc16, AddInt16{});
   }
 }
 
@@ -177,7 +158,8 @@ QC_TARGET_AVX2 inline void TapLoop(const uint32_t* buf, const int64_t* bases, co
   #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) at[r] = buf + bases[r];
   if (run == 1) {  // 8-bit codes: one tap fills the int16 range, widen every product
-    AddTapsWidened<R, B, kChannelLanes>(at, taps, ntaps, w, ntaps * kLanes, acc32);
+    SetZero(acc32);
+    AddTaps<R, B, kChannelLanes>(at, taps, 0, ntaps, w, ntaps * kLanes, acc32, AddWidened{});
     return;
   }
   __m256i acc16[R][B];
