@@ -21,6 +21,7 @@ from onnx import helper
 
 import qconvert
 from qconvert import manifest
+from qconvert.archs import build_architecture
 from qconvert.calib import load_calibration
 from qconvert.cli import main
 from qconvert.errors import QConvertError
@@ -28,6 +29,7 @@ from qconvert.export.integer import check_qconv_clamp, to_integer, with_qconv_cl
 from qconvert.export.onnx_export import build_onnx
 from qconvert.native import library_path, register
 from qconvert.preprocess import prepare_inputs
+from qconvert.quant import quantize_model
 
 ROOT = Path(__file__).resolve().parent.parent
 RESNET20 = ROOT / "models" / "checkpoints" / "resnet20-lsq-w4a4.pt"
@@ -272,3 +274,51 @@ def test_cli_refuses_the_option_outside_integer_mode(tmp_path):
                                        "--conv-kernel", "qconvert"])
     assert result.exit_code == 2
     assert "--conv-kernel applies to integer mode: add --mode integer" in result.output
+
+
+def _narrow_resnet18(path: Path) -> Path:
+    """ResNet-18's layout (7x7/2 stem, its max pool read by two branches) at width 8 and
+    32x32, LSQ W4A4 with quantizers initialised on random data."""
+    torch.manual_seed(0)
+    model = quantize_model(build_architecture("resnet18", {"num_classes": 10, "width": 8}),
+                           "lsq", 4, 4)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, 3, 32, 32))
+    model.eval()
+    return qconvert.save_checkpoint(path, model, arch="resnet18",
+                                    arch_kwargs={"num_classes": 10, "width": 8},
+                                    input_shape=(3, 32, 32))
+
+
+def _pooled_integer_model(name: str, tmp_path: Path) -> tuple[np.ndarray, onnx.ModelProto]:
+    path = ROOT / "models" / "checkpoints" / name if name.endswith(".pt") else \
+        _narrow_resnet18(tmp_path / "resnet18.pt")
+    ckpt = qconvert.load_checkpoint(path)
+    if name.endswith(".pt"):
+        data = load_calibration(CALIB, ckpt.input.shape)
+        x = prepare_inputs(data.x, ckpt.input.shape, ckpt.input.mean, ckpt.input.std).numpy()
+    else:
+        x = np.random.default_rng(0).standard_normal((64, 3, 32, 32)).astype(np.float32)
+    exact, _ = build_onnx(ckpt)
+    return x, to_integer(exact, 8, calib=x)
+
+
+@pytest.mark.parametrize("name", ["digits_cnn-lsq-w4a4.pt", "narrow resnet18"])
+def test_max_pools_read_float_and_give_the_same_codes(name, tmp_path):
+    """A uint8 MaxPool left NCHW beside QConvClamp runs ONNX Runtime's slow generic loop:
+    the rewrite pools the codes in float between two Casts (digits CNN: a pool between a
+    DequantizeLinear and a QuantizeLinear of one grid, which ORT would fold into a uint8
+    pool; ResNet-18: the stem's pool of codes). Expected: the standard file's outputs."""
+    x, standard = _pooled_integer_model(name, tmp_path)
+    model = with_qconv_clamp(standard)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    pools = [n for n in model.graph.node if n.op_type == "MaxPool"]
+    assert pools and sum(n.op_type == "MaxPool" for n in standard.graph.node) == len(pools)
+    for pool in pools:
+        cast = producers[pool.input[0]]
+        assert cast.op_type == "Cast" and helper.get_attribute_value(cast.attribute[0]) == \
+            onnx.TensorProto.FLOAT
+    want = _outputs(standard, x, library=False)
+    np.testing.assert_array_equal(_outputs(model, x, library=True), want)
+    np.testing.assert_array_equal(_outputs(model, x, library=False), want)

@@ -204,6 +204,7 @@ def with_qconv_clamp(model: onnx.ModelProto, with_functions: bool = True) -> onn
             raise _per_sample_step(layer)
         chains.append(conv_chain(g, layer, conv))
     _replace(out, chains)
+    _pool_codes_as_float(out)
     _use_op_set(out, with_functions)
     man.conv_kernel = "qconvert"
     manifest.write(out, man)
@@ -223,6 +224,78 @@ def _replace(model: onnx.ModelProto, chains: list[ConvChain]) -> None:
             domain=DOMAIN, name=name, **chain.attrs)
         drop.update(id(n) for n in chain.nodes[:-1])
     nodes = [replaced.get(id(n), n) for n in model.graph.node if id(n) not in drop]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    prune(model)
+
+
+def _reads_codes(g: GraphEdit, value: str) -> bool:
+    """``value`` holds uint8 codes: a QConvClamp's or a uint8 QuantizeLinear's output, or
+    that through a Clip or a MaxPool."""
+    node = g.producers.get(value)
+    if node is None:
+        return False
+    if node.op_type == "QConvClamp":
+        return True
+    if node.op_type == "QuantizeLinear":  # without a zero point, uint8
+        return len(node.input) < 3 or g.array(node.input[2]).dtype == np.uint8
+    return node.op_type in ("Clip", "MaxPool") and _reads_codes(g, node.input[0])
+
+
+def _same_grid(g: GraphEdit, dq: onnx.NodeProto, q: onnx.NodeProto) -> bool:
+    """DequantizeLinear ``dq`` and QuantizeLinear ``q`` use one constant grid, so that
+    ``q`` gives back the codes ``dq`` read (ONNX Runtime drops such pairs around a pool)."""
+    grids = list(zip(dq.input[1:], q.input[1:], strict=False))
+    return len(dq.input) == len(q.input) and all(
+        g.is_const(a) and g.is_const(b) and np.array_equal(g.array(a), g.array(b))
+        for a, b in grids)
+
+
+def _pooled_codes(g: GraphEdit, pool: onnx.NodeProto) -> tuple[str, str, list] | None:
+    """(codes in, codes out, nodes replaced) when ``pool`` is a MaxPool of uint8 codes:
+    on the codes themselves, or between a DequantizeLinear and a QuantizeLinear of one grid."""
+    if pool.op_type != "MaxPool" or len(pool.output) != 1:
+        return None
+    if _reads_codes(g, pool.input[0]):
+        return pool.input[0], pool.output[0], [pool]
+    dq, readers = g.producers.get(pool.input[0]), g.consumers.get(pool.output[0], [])
+    if dq is None or dq.op_type != "DequantizeLinear" or len(readers) != 1 or \
+            len(g.consumers.get(dq.output[0], [])) != 1 or not _reads_codes(g, dq.input[0]):
+        return None
+    q = readers[0]
+    if q.op_type != "QuantizeLinear" or not _same_grid(g, dq, q):
+        return None
+    return dq.input[0], q.output[0], [dq, pool, q]
+
+
+def _pool_codes_as_float(model: onnx.ModelProto) -> None:
+    """Each MaxPool of uint8 codes pools them in float between two Casts. Next to
+    QConvClamp the codes stay NCHW, where ONNX Runtime's uint8 MaxPool is a generic loop
+    many times slower than its float one (docs/integer-mode.md); in the standard file its
+    NHWC transformer gives the pool a fast NHWC kernel instead. The maximum commutes with
+    the exact casts, so the codes are the same."""
+    g = GraphEdit(model)
+    replaced: dict[int, list[onnx.NodeProto]] = {}
+    for node in list(model.graph.node):
+        found = _pooled_codes(g, node)
+        if found is None:
+            continue
+        codes_in, codes_out, nodes = found
+        name = node.name or node.output[0]
+        pool = onnx.NodeProto()
+        pool.CopyFrom(node)
+        del pool.input[:], pool.output[:]
+        pool.input.append(f"{name}/float_in")
+        pool.output.append(f"{name}/float_out")
+        for gone in nodes:
+            replaced[id(gone)] = []
+        replaced[id(nodes[-1])] = [
+            helper.make_node("Cast", [codes_in], [pool.input[0]], name=f"{name}/to_float",
+                             to=onnx.TensorProto.FLOAT),
+            pool,
+            helper.make_node("Cast", [pool.output[0]], [codes_out], name=f"{name}/to_codes",
+                             to=onnx.TensorProto.UINT8)]
+    nodes = [new for node in model.graph.node for new in replaced.get(id(node), [node])]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     prune(model)
