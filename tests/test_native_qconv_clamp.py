@@ -199,6 +199,20 @@ def test_random_shapes_equal_reference():
                                       reference(x, w, b, scale, **attrs), err_msg=str(attrs))
 
 
+@pytest.mark.parametrize("n, h, wd", [(1, 16, 16), (1, 7, 7), (1, 40, 24), (3, 16, 16),
+                                      (5, 9, 9)])
+def test_threads_share_the_work_and_not_the_result(n, h, wd):
+    """Two intra-op threads split one image's output positions (or the batch's images)
+    among tasks: the same codes as the reference, position lanes (rows of 8) and channel
+    lanes alike."""
+    x, w, b, xs, ws, ys, attrs = random_case(np.random.default_rng(n * h), 12, 20, h, wd, 3, 1,
+                                             n=n)
+    scale = multiplier(xs, ws, ys)
+    sess = session(model(w, b, scale, attrs), threads=2)
+    np.testing.assert_array_equal(sess.run(None, {"X": x})[0],
+                                  reference(x, w, b, scale, **attrs))
+
+
 def test_portable_loop_gives_the_same_bits(tmp_path: Path):
     """The exact int32 loop (QCONVERT_OPS_PORTABLE=1) against this process's AVX2 loops."""
     rng = np.random.default_rng(3)

@@ -38,6 +38,7 @@
 #include "inputs.h"
 #include "op_shell.h"
 #include "ops.h"
+#include "parallel.h"
 #include "qconv_tiles.h"
 
 #if QC_HAVE_AVX2
@@ -55,6 +56,8 @@ constexpr int64_t kMaxReduction = int64_t{1} << 15;
 constexpr int64_t kMaxBias = int64_t{1} << 30;
 // Scratch bound: 64 MiB of input words (and at most 2^24 output positions' offsets).
 constexpr int64_t kMaxBufferWords = int64_t{1} << 24;
+// Runs of positions per parallel task: a multiple of the largest tile (4 positions).
+constexpr size_t kRunsPerTask = 4;
 
 // One run's geometry, from the attributes and X's shape.
 struct Geometry {
@@ -86,11 +89,15 @@ class QConvClampKernel : public KernelBase {
     uint8_t* y = out.GetTensorMutableData<uint8_t>();
     const size_t image = size_t(g.c * g.h * g.w);
     const size_t out_image = size_t(m_ * g.oh * g.ow);
-    for (int64_t n = 0; n < g.n; ++n) {
-      const uint8_t* xn = x.u8() + size_t(n) * image;
-      uint8_t* yn = y + size_t(n) * out_image;
-      if (!RunAvx2(g, xn, yn)) RunExact(g, xn, yn);
-    }
+    // Several images: one per task. One image: its output positions split among tasks.
+    const Ort::KernelContext* pool = &ctx;
+    ForChunks(g.n > 1 ? pool : nullptr, size_t(g.n), [&](size_t begin, size_t end) {
+      for (size_t n = begin; n < end; ++n) {
+        const uint8_t* xn = x.u8() + n * image;
+        uint8_t* yn = y + n * out_image;
+        if (!RunAvx2(g, xn, yn, g.n > 1 ? nullptr : pool)) RunExact(g, xn, yn);
+      }
+    }, 1);
   }
 
  private:
@@ -293,7 +300,8 @@ class QConvClampKernel : public KernelBase {
     }
   }
 
-  bool RunAvx2(const Geometry& g, const uint8_t* x, uint8_t* y) const;
+  bool RunAvx2(const Geometry& g, const uint8_t* x, uint8_t* y,
+               const Ort::KernelContext* pool) const;
 
   int64_t sh_ = 1, sw_ = 1;
   std::array<int64_t, 4> pads_{};
@@ -388,7 +396,8 @@ QC_TARGET_AVX2 int64_t FillWords(const Geometry& g, int64_t pt, int64_t pl, int6
   return std::max<int64_t>(top_tail, *std::max_element(lanes, lanes + 16));
 }
 
-QC_TARGET_AVX2 bool QConvClampKernel::RunAvx2(const Geometry& g, const uint8_t* x, uint8_t* y) const {
+QC_TARGET_AVX2 bool QConvClampKernel::RunAvx2(const Geometry& g, const uint8_t* x, uint8_t* y,
+                                              const Ort::KernelContext* pool) const {
   if (!UseAvx2()) return false;
   const std::vector<int64_t> taps = TapOffsets(g);
   // Position lanes when rows fill whole vectors, else channel lanes (no lane wasted).
@@ -420,19 +429,26 @@ QC_TARGET_AVX2 bool QConvClampKernel::RunAvx2(const Geometry& g, const uint8_t* 
   args.range.hi = float(hi_ - zero_point_);
   args.range.zero_point = int32_t(zero_point_);
   args.y = y;
-  if (position_lanes) {
-    args.w = packed_.data();
-    PositionLanesAvx2(args);
-  } else {
-    args.w = packed_wide_.data();
-    ChannelLanesAvx2(args);
-  }
+  args.w = position_lanes ? packed_.data() : packed_wide_.data();
+  // Tasks of whole tiles (runs of positions), a few per image: each writes its own
+  // positions of every output channel.
+  const size_t runs = bases.size(), chunk = std::max<size_t>(kRunsPerTask, (runs + 7) / 8);
+  ForChunks(pool, runs, [&](size_t first, size_t last) {
+    TileArgs part = args;
+    part.bases += first;
+    part.dst += first;
+    part.count = int64_t(last - first);
+    position_lanes ? PositionLanesAvx2(part) : ChannelLanesAvx2(part);
+  }, (chunk + kRunsPerTask - 1) / kRunsPerTask * kRunsPerTask);
   return true;
 }
 
 #else
 
-bool QConvClampKernel::RunAvx2(const Geometry&, const uint8_t*, uint8_t*) const { return false; }
+bool QConvClampKernel::RunAvx2(const Geometry&, const uint8_t*, uint8_t*,
+                               const Ort::KernelContext*) const {
+  return false;
+}
 
 #endif
 
