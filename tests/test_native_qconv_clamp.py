@@ -199,13 +199,13 @@ def test_random_shapes_equal_reference():
                                       reference(x, w, b, scale, **attrs), err_msg=str(attrs))
 
 
-@pytest.mark.parametrize("n, h, wd", [(1, 16, 16), (1, 7, 7), (1, 40, 24), (3, 16, 16),
-                                      (5, 9, 9)])
-def test_threads_share_the_work_and_not_the_result(n, h, wd):
-    """Two intra-op threads split one image's output positions (or the batch's images)
-    among tasks: the same codes as the reference, position lanes (rows of 8) and channel
-    lanes alike."""
-    x, w, b, xs, ws, ys, attrs = random_case(np.random.default_rng(n * h), 12, 20, h, wd, 3, 1,
+@pytest.mark.parametrize("n, c, m, h, wd", [(1, 32, 48, 40, 24), (1, 64, 64, 21, 21),
+                                            (3, 32, 32, 16, 16), (8, 32, 40, 9, 9)])
+def test_threads_share_the_work_and_not_the_result(n, c, m, h, wd):
+    """Layers big enough for the kernel to use two intra-op threads: one image's output
+    positions split into tasks (position lanes, rows of 8; channel lanes), or the batch's
+    images one per task. The same codes as the reference."""
+    x, w, b, xs, ws, ys, attrs = random_case(np.random.default_rng(n * h), c, m, h, wd, 3, 1,
                                              n=n)
     scale = multiplier(xs, ws, ys)
     sess = session(model(w, b, scale, attrs), threads=2)

@@ -56,7 +56,11 @@ constexpr int64_t kMaxReduction = int64_t{1} << 15;
 constexpr int64_t kMaxBias = int64_t{1} << 30;
 // Scratch bound: 64 MiB of input words (and at most 2^24 output positions' offsets).
 constexpr int64_t kMaxBufferWords = int64_t{1} << 24;
-// Runs of positions per parallel task: a multiple of the largest tile (4 positions).
+// Parallel tasks: at least this many multiply-adds each, or waking a thread costs more
+// than it saves; at most this many per image; runs of positions a multiple of the
+// largest tile (4 runs).
+constexpr int64_t kTaskMacs = int64_t{1} << 21;
+constexpr int64_t kMaxTasksPerImage = 8;
 constexpr size_t kRunsPerTask = 4;
 
 // One run's geometry, from the attributes and X's shape.
@@ -89,13 +93,17 @@ class QConvClampKernel : public KernelBase {
     uint8_t* y = out.GetTensorMutableData<uint8_t>();
     const size_t image = size_t(g.c * g.h * g.w);
     const size_t out_image = size_t(m_ * g.oh * g.ow);
-    // Several images: one per task. One image: its output positions split among tasks.
-    const Ort::KernelContext* pool = &ctx;
-    ForChunks(g.n > 1 ? pool : nullptr, size_t(g.n), [&](size_t begin, size_t end) {
+    // On ORT's intra-op threads when the work pays for waking them: several images one
+    // per task, or one image's output positions split into tasks.
+    const int64_t image_macs = m_ * g.oh * g.ow * g.c * kh_ * kw_;
+    const bool per_image = g.n > 1 && image_macs * g.n >= 2 * kTaskMacs;
+    const int64_t tasks = per_image ? 1 : std::clamp<int64_t>(image_macs / kTaskMacs, 1,
+                                                               kMaxTasksPerImage);
+    ForChunks(per_image ? &ctx : nullptr, size_t(g.n), [&](size_t begin, size_t end) {
       for (size_t n = begin; n < end; ++n) {
         const uint8_t* xn = x.u8() + n * image;
         uint8_t* yn = y + n * out_image;
-        if (!RunAvx2(g, xn, yn, g.n > 1 ? nullptr : pool)) RunExact(g, xn, yn);
+        if (!RunAvx2(g, xn, yn, tasks > 1 ? &ctx : nullptr, tasks)) RunExact(g, xn, yn);
       }
     }, 1);
   }
@@ -301,7 +309,7 @@ class QConvClampKernel : public KernelBase {
   }
 
   bool RunAvx2(const Geometry& g, const uint8_t* x, uint8_t* y,
-               const Ort::KernelContext* pool) const;
+               const Ort::KernelContext* pool, int64_t tasks) const;
 
   int64_t sh_ = 1, sw_ = 1;
   std::array<int64_t, 4> pads_{};
@@ -397,7 +405,8 @@ QC_TARGET_AVX2 int64_t FillWords(const Geometry& g, int64_t pt, int64_t pl, int6
 }
 
 QC_TARGET_AVX2 bool QConvClampKernel::RunAvx2(const Geometry& g, const uint8_t* x, uint8_t* y,
-                                              const Ort::KernelContext* pool) const {
+                                              const Ort::KernelContext* pool,
+                                              int64_t tasks) const {
   if (!UseAvx2()) return false;
   const std::vector<int64_t> taps = TapOffsets(g);
   // Position lanes when rows fill whole vectors, else channel lanes (no lane wasted).
@@ -430,9 +439,10 @@ QC_TARGET_AVX2 bool QConvClampKernel::RunAvx2(const Geometry& g, const uint8_t* 
   args.range.zero_point = int32_t(zero_point_);
   args.y = y;
   args.w = position_lanes ? packed_.data() : packed_wide_.data();
-  // Tasks of whole tiles (runs of positions), a few per image: each writes its own
-  // positions of every output channel.
-  const size_t runs = bases.size(), chunk = std::max<size_t>(kRunsPerTask, (runs + 7) / 8);
+  // Tasks of whole tiles (runs of positions): each writes its own positions of every
+  // output channel.
+  const size_t runs = bases.size();
+  const size_t chunk = std::max<size_t>(kRunsPerTask, (runs + size_t(tasks) - 1) / size_t(tasks));
   ForChunks(pool, runs, [&](size_t first, size_t last) {
     TileArgs part = args;
     part.bases += first;
@@ -446,7 +456,7 @@ QC_TARGET_AVX2 bool QConvClampKernel::RunAvx2(const Geometry& g, const uint8_t* 
 #else
 
 bool QConvClampKernel::RunAvx2(const Geometry&, const uint8_t*, uint8_t*,
-                               const Ort::KernelContext*) const {
+                               const Ort::KernelContext*, int64_t) const {
   return false;
 }
 
