@@ -67,6 +67,8 @@ def plain_session(path: Path, threads: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    if threads > 1:  # an idle session's spinning workers would hold the core the next needs
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if any(n.domain == DOMAIN for n in onnx.load(str(path)).graph.node):
         options.register_custom_ops_library(str(native.library_path()))
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
