@@ -238,17 +238,17 @@ def _reads_codes(g: GraphEdit, value: str) -> bool:
     if node.op_type == "QConvClamp":
         return True
     if node.op_type == "QuantizeLinear":  # without a zero point, uint8
-        return len(node.input) < 3 or g.array(node.input[2]).dtype == np.uint8
+        zero_point = node.input[2] if len(node.input) > 2 else ""
+        return not zero_point or g.is_const(zero_point) and g.array(zero_point).dtype == np.uint8
     return node.op_type in ("Clip", "MaxPool") and _reads_codes(g, node.input[0])
 
 
 def _same_grid(g: GraphEdit, dq: onnx.NodeProto, q: onnx.NodeProto) -> bool:
     """DequantizeLinear ``dq`` and QuantizeLinear ``q`` use one constant grid, so that
     ``q`` gives back the codes ``dq`` read (ONNX Runtime drops such pairs around a pool)."""
-    grids = list(zip(dq.input[1:], q.input[1:], strict=False))
     return len(dq.input) == len(q.input) and all(
         g.is_const(a) and g.is_const(b) and np.array_equal(g.array(a), g.array(b))
-        for a, b in grids)
+        for a, b in zip(dq.input[1:], q.input[1:], strict=True))
 
 
 def _pooled_codes(g: GraphEdit, pool: onnx.NodeProto) -> tuple[str, str, list] | None:
