@@ -42,10 +42,7 @@ from qconvert.calib import load_calibration  # noqa: E402
 from qconvert.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from qconvert.errors import QConvertError  # noqa: E402
 from qconvert.export.integer import integer_summary, to_integer, with_qconv_clamp  # noqa: E402
-from qconvert.export.onnx_export import (  # noqa: E402
-    annotate_custom_op_shapes,
-    build_onnx,
-)
+from qconvert.export.onnx_export import build_onnx, write_exported  # noqa: E402
 from qconvert.ops import DOMAIN  # noqa: E402
 from qconvert.preprocess import prepare_inputs  # noqa: E402
 from qconvert.quant import quantize_model  # noqa: E402
@@ -155,9 +152,9 @@ def checkpoint_and_samples(target: str, scheme: str, tmp: Path) -> tuple[Checkpo
 
 
 def save_as_exported(model: onnx.ModelProto, path: Path) -> None:
-    """Write ``model`` as ``qconvert export`` would: with its custom ops' output shapes."""
-    annotate_custom_op_shapes(model)
-    onnx.save(model, str(path))
+    """Write ``model`` as ``qconvert export`` does (its custom ops' output shapes recorded),
+    over the previous target's file of the same name."""
+    write_exported(model, path, force=True)
 
 
 def bench_target(target: str, args, tmp: Path) -> list[dict]:

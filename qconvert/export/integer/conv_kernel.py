@@ -214,16 +214,22 @@ def with_qconv_clamp(model: onnx.ModelProto, with_functions: bool = True) -> onn
 def _replace(model: onnx.ModelProto, chains: list[ConvChain]) -> None:
     """Each chain's last node becomes its QConvClamp; the others and the constants and
     DequantizeLinear nodes only they read go."""
-    replaced, drop = {}, set()
+    substitutes: dict[int, list[onnx.NodeProto]] = {}
     for chain in chains:
         conv = chain.nodes[0]
         name = conv.name or conv.output[0]
         model.graph.initializer.append(numpy_helper.from_array(chain.scale, f"{name}/qcc_scale"))
-        replaced[id(chain.nodes[-1])] = helper.make_node(
+        substitutes.update({id(n): [] for n in chain.nodes[:-1]})
+        substitutes[id(chain.nodes[-1])] = [helper.make_node(
             "QConvClamp", [*chain.inputs, f"{name}/qcc_scale"], [chain.nodes[-1].output[0]],
-            domain=DOMAIN, name=name, **chain.attrs)
-        drop.update(id(n) for n in chain.nodes[:-1])
-    nodes = [replaced.get(id(n), n) for n in model.graph.node if id(n) not in drop]
+            domain=DOMAIN, name=name, **chain.attrs)]
+    _substitute(model, substitutes)
+
+
+def _substitute(model: onnx.ModelProto, substitutes: dict[int, list[onnx.NodeProto]]) -> None:
+    """Put each node whose id is a key of ``substitutes`` by its nodes (none: dropped),
+    in place, then prune what nothing reads any more."""
+    nodes = [new for node in model.graph.node for new in substitutes.get(id(node), [node])]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     prune(model)
@@ -238,8 +244,10 @@ def _reads_codes(g: GraphEdit, value: str) -> bool:
     if node.op_type == "QConvClamp":
         return True
     if node.op_type == "QuantizeLinear":  # without a zero point, uint8
-        zero_point = node.input[2] if len(node.input) > 2 else ""
-        return not zero_point or g.is_const(zero_point) and g.array(zero_point).dtype == np.uint8
+        if len(node.input) < 3 or not node.input[2]:
+            return True
+        zero_point = _constant(g, node.input[2])
+        return zero_point is not None and zero_point.dtype == np.uint8
     return node.op_type in ("Clip", "MaxPool") and _reads_codes(g, node.input[0])
 
 
@@ -275,8 +283,8 @@ def _pool_codes_as_float(model: onnx.ModelProto) -> None:
     NHWC transformer gives the pool a fast NHWC kernel instead. The maximum commutes with
     the exact casts, so the codes are the same."""
     g = GraphEdit(model)
-    replaced: dict[int, list[onnx.NodeProto]] = {}
-    for node in list(model.graph.node):
+    substitutes: dict[int, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
         found = _pooled_codes(g, node)
         if found is None:
             continue
@@ -287,18 +295,14 @@ def _pool_codes_as_float(model: onnx.ModelProto) -> None:
         del pool.input[:], pool.output[:]
         pool.input.append(f"{name}/float_in")
         pool.output.append(f"{name}/float_out")
-        for gone in nodes:
-            replaced[id(gone)] = []
-        replaced[id(nodes[-1])] = [
+        substitutes.update({id(n): [] for n in nodes[:-1]})
+        substitutes[id(nodes[-1])] = [
             helper.make_node("Cast", [codes_in], [pool.input[0]], name=f"{name}/to_float",
                              to=onnx.TensorProto.FLOAT),
             pool,
             helper.make_node("Cast", [pool.output[0]], [codes_out], name=f"{name}/to_codes",
                              to=onnx.TensorProto.UINT8)]
-    nodes = [new for node in model.graph.node for new in replaced.get(id(node), [node])]
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    prune(model)
+    _substitute(model, substitutes)
 
 
 def _use_op_set(model: onnx.ModelProto, with_functions: bool) -> None:
