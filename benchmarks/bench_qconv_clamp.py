@@ -4,6 +4,7 @@ ResNet-20 (16x16 input), batch 1, one thread.
 
     python benchmarks/bench_qconv_clamp.py [--rounds 30] [--copies 16] [--clock cpu]
     python benchmarks/bench_qconv_clamp.py --network CKPT [--rounds 40]
+    python benchmarks/bench_qconv_clamp.py --layers mobilenetv2 [--copies 2]
 
 Each layer is timed as three single-layer models holding ``--copies`` independent nodes
 (own weights, one shared input, outputs bound once with IOBinding), so a per-node time
@@ -95,6 +96,16 @@ LAYERS = [
     Layer("s3 conv2 64->64 4x4", 64, 64, 4, 3, 1, False, 3),
 ]
 CEILING = 15
+# MobileNetV2's 1x1 convolutions at 224x224 (--layers mobilenetv2): an expansion (followed
+# by its ceiling) and a projection (feeding a residual sum) per stage. Weights as integer
+# export writes 4-bit codes, scaled to fill int8.
+MOBILENETV2_1X1 = [
+    Layer(f"{kind} {c}->{m} @{size}", c, m, size, 1, 1, kind == "expand", 1, w_range=(-126, 126))
+    for kind, c, m, size in [
+        ("expand", 16, 96, 112), ("project", 96, 24, 56), ("expand", 24, 144, 56),
+        ("project", 144, 24, 56), ("expand", 32, 192, 28), ("project", 192, 32, 28),
+        ("expand", 64, 384, 14), ("project", 384, 64, 14), ("expand", 160, 960, 7),
+        ("project", 960, 160, 7)]]
 
 
 @dataclass
@@ -302,6 +313,8 @@ def main() -> None:
     parser.add_argument("--clock", choices=["wall", "cpu"], default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--network", metavar="CKPT", help="time the whole model instead")
+    parser.add_argument("--layers", choices=["resnet20", "mobilenetv2"], default="resnet20",
+                        help="mobilenetv2: its 1x1 convolutions at 224x224 (one of each)")
     args = parser.parse_args()
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     if args.network:
@@ -317,7 +330,8 @@ def main() -> None:
     totals = {"ort": 0.0, "ort_conv": 0.0, "qconvert": 0.0}
     print(f"{'layer':<26} {'n':>2} {'clip':>4} {'ORT conv+clip us':>16} {'ORT conv us':>11} "
           f"{'qconvert us':>11} {'q/ORT':>6} {'q/conv':>6}")
-    for layer in LAYERS:
+    layers = MOBILENETV2_1X1 if args.layers == "mobilenetv2" else LAYERS
+    for layer in layers:
         check_identical(layer, rng, copies=4)
         med = time_layer(layer, rng, args.copies, args.rounds, clock)
         for k in totals:
@@ -326,7 +340,8 @@ def main() -> None:
               f"{1e6 * med['ort']:>16.2f} {1e6 * med['ort_conv']:>11.2f} "
               f"{1e6 * med['qconvert']:>11.2f} {med['ratio']:>6.2f} {med['ratio_conv']:>6.2f}",
               flush=True)
-    print(f"network (21 convolutions, 10 ceilings): ORT QLinearConv + Clip "
+    print(f"summed ({sum(x.count for x in layers)} convolutions, "
+          f"{sum(x.count for x in layers if x.ceiling)} ceilings): ORT QLinearConv + Clip "
           f"{1e6 * totals['ort']:.1f} us, ORT QLinearConv alone {1e6 * totals['ort_conv']:.1f} us, "
           f"QConvClamp {1e6 * totals['qconvert']:.1f} us: "
           f"{totals['qconvert'] / totals['ort']:.2f}x ORT's nodes")

@@ -1,6 +1,8 @@
 """Where an integer-mode file spends its time, against ONNX Runtime's own U8S8 model of the
 same network: the node types of ORT's optimised graph (ORT_ENABLE_ALL, as a plain session
-builds it) and ORT's profiler's kernel time per node type, one thread, batch 1.
+builds it) and ORT's profiler's kernel time per node type, one thread, batch 1. The
+integer file is profiled as exported and, where the model admits it, with
+``--conv-kernel qconvert``.
 
     python benchmarks/profile_integer_ort.py [TARGET ...] [--runs 200]
 
@@ -21,15 +23,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from bench_integer_ort import checkpoint_and_samples, quantize_u8s8
+from bench_integer_ort import checkpoint_and_samples, quantize_u8s8, save_as_exported
 
 from qconvert import native
 from qconvert.bench import export_float, float_model
-from qconvert.export.integer import to_integer
+from qconvert.errors import QConvertError
+from qconvert.export.integer import to_integer, with_qconv_clamp
 from qconvert.export.onnx_export import build_onnx
 from qconvert.ops import DOMAIN
 
-FUSED = {"QLinearConv", "QLinearAdd", "QGemm", "NhwcMaxPool", "Conv"}
+FUSED = {"QLinearConv", "QLinearAdd", "QGemm", "NhwcMaxPool", "Conv", "QConvClamp"}
 
 
 def _options(path: Path) -> ort.SessionOptions:
@@ -77,7 +80,13 @@ def files_for(target: str, tmp: Path) -> tuple[dict[str, Path], np.ndarray]:
     export_float(float_model(ckpt), tuple(ckpt.input.shape), files["fp32"])
     quantize_u8s8(files["fp32"], files["ort_u8s8"], samples)
     exact, _ = build_onnx(ckpt)
-    onnx.save(to_integer(exact, 8, calib=samples), str(files["integer"]))
+    integer = to_integer(exact, 8, calib=samples)
+    save_as_exported(integer, files["integer"])
+    try:  # the --conv-kernel qconvert file, where the model admits it
+        save_as_exported(with_qconv_clamp(integer), tmp / "integer_qcc.onnx")
+        files["integer_qconv_clamp"] = tmp / "integer_qcc.onnx"
+    except QConvertError as exc:
+        print(f"   no integer_qconv_clamp file: {exc}", flush=True)
     return files, samples[:1]
 
 
