@@ -15,6 +15,7 @@ from . import (
     lut_gather,
     pow2_shift,
     qconv_clamp,
+    qdepthwise_conv_clamp,
     sample_max_quant,
     uniform_quant,
 )
@@ -31,7 +32,7 @@ from ._builder import (
 
 OPS: dict[str, ModuleType] = {
     m.NAME: m for m in (uniform_quant, compand_quant, adaptive_step, lut_gather, pow2_shift,
-                        sample_max_quant, qconv_clamp)
+                        sample_max_quant, qconv_clamp, qdepthwise_conv_clamp)
 }
 
 # Activation quantizers (elementwise, per-tensor or per-sample parameters) and weight decodes.
@@ -40,7 +41,7 @@ ACTIVATION_OPS = ("UniformQuant", "CompandQuant", "AdaptiveStep")
 SAMPLE_REDUCING_OPS = ("SampleMaxQuant",)
 DECODE_OPS = ("LutGather", "Pow2Shift")
 # Integer-mode operators over uint8 codes (not quantizers: no float activations in or out).
-INTEGER_OPS = ("QConvClamp",)
+INTEGER_OPS = ("QConvClamp", "QDepthwiseConvClamp")
 
 for _module in OPS.values():
     register(_module.schema())

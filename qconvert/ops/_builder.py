@@ -9,10 +9,10 @@ from onnx import AttributeProto, helper, numpy_helper
 
 DOMAIN = "qconvert"
 # Version 2 added UniformQuant; version 3 added SampleMaxQuant and CompandQuant's optional
-# mirror / clip attributes; version 4 added QConvClamp. Models of older versions (without
-# them) still load and run.
-DOMAIN_VERSION = 4
-SUPPORTED_DOMAIN_VERSIONS = (1, 2, 3, 4)
+# mirror / clip attributes; version 4 added QConvClamp, version 5 QDepthwiseConvClamp.
+# Models of older versions (without them) still load and run.
+DOMAIN_VERSION = 5
+SUPPORTED_DOMAIN_VERSIONS = (1, 2, 3, 4, 5)
 # Weight decodes over constants live in a function-only domain that no runtime registers a
 # kernel for, so ONNX Runtime inlines and folds them at load (qconvert/export/weight_decode.py).
 DECODE_DOMAIN, DECODE_DOMAIN_VERSION = "qconvert.decode", 1

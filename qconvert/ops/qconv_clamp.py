@@ -117,7 +117,7 @@ def _sums(x: np.ndarray, w: np.ndarray, strides, pads, x_zero_point: int) -> np.
     return acc
 
 
-def _requantize(total: np.ndarray, scale: np.ndarray, lo: int, hi: int,
+def requantize(total: np.ndarray, scale: np.ndarray, lo: int, hi: int,
                 zero_point: int) -> np.ndarray:
     """float32(total) * scale in float32, clamped, rounded half to even, zero point added."""
     v = total.astype(np.float32) * scale.astype(np.float32).reshape(1, -1, 1, 1)
@@ -133,7 +133,7 @@ def reference(x, w, b, scale, *, strides, pads, lo: int, hi: int, zero_point: in
     check(w.shape, b, scale, strides=strides, pads=pads, lo=lo, hi=hi,
           zero_point=zero_point, x_zero_point=x_zero_point)
     total = _sums(x, w, strides, pads, x_zero_point) + b.astype(np.int64).reshape(1, -1, 1, 1)
-    return _requantize(total.astype(np.int32), scale, lo, hi, zero_point)
+    return requantize(total.astype(np.int32), scale, lo, hi, zero_point)
 
 
 def function(opset: int) -> onnx.FunctionProto:
@@ -171,6 +171,12 @@ def qconv_clamp(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, scale: torch.
                                  (pads[1], pads[3], pads[0], pads[2]))
     acc = torch.nn.functional.conv2d(xp, w.to(torch.float64), stride=tuple(strides))
     total = (acc.to(torch.int64) + b.to(torch.int64).reshape(1, -1, 1, 1)).to(torch.int32)
+    return requantize_torch(total, scale, lo, hi, zero_point)
+
+
+def requantize_torch(total: torch.Tensor, scale: torch.Tensor, lo: int, hi: int,
+                     zero_point: int) -> torch.Tensor:
+    """``requantize`` in torch: int32 [N, M, ...] sums to uint8 codes."""
     v = total.to(torch.float32) * scale.to(torch.float32).reshape(1, -1, 1, 1)
     v = torch.clamp(v, float(lo - zero_point), float(hi - zero_point))
     return (torch.round(v).to(torch.int64) + zero_point).to(torch.uint8)

@@ -260,6 +260,61 @@ def qconv_clamp_cases() -> list[VectorCase]:
     return cases
 
 
+def _dw_case(name: str, x, w, b, scale, *, strides=(1, 1), pads=(0, 0, 0, 0), lo=0, hi=255,
+             zero_point=0, x_zero_point=0, x_hi=255) -> VectorCase:
+    w = np.asarray(w, np.int8)
+    attrs = {"group": w.shape[0], "strides": list(strides), "pads": list(pads), "lo": lo,
+             "hi": hi, "zero_point": zero_point, "x_zero_point": x_zero_point, "x_hi": x_hi}
+    inputs = [np.asarray(x, np.uint8), w, np.asarray(b, np.int32), np.asarray(scale, np.float32)]
+    return _case("QDepthwiseConvClamp", name, inputs, attrs)
+
+
+def _random_dw(rng, name: str, c: int, size: int, k: int, stride: int, *, x_max: int,
+               w_max: int, n: int = 1, pads=None, **attrs) -> VectorCase:
+    """As _random_conv, channels last; codes up to x_max, which x_hi may clamp."""
+    x = rng.integers(0, x_max + 1, (n, size, size, c))
+    w = rng.integers(-w_max, w_max + 1, (c, 1, k, k))
+    top = min(x_max, attrs.get("x_hi", 255))
+    spread = np.sqrt(k * k) * top * w_max / 2 + 1
+    scale = rng.uniform(0.6, 1.4, c) * (attrs.get("hi", 255) - attrs.get("lo", 0) + 1) / spread
+    b = rng.integers(-k * k * 4, k * k * 4 + 1, c)
+    pads = [k // 2] * 4 if pads is None else pads
+    return _dw_case(name, x, w, b, scale, strides=(stride, stride), pads=pads, **attrs)
+
+
+def qdepthwise_conv_clamp_cases() -> list[VectorCase]:
+    rng = np.random.default_rng(11)
+    codes = np.arange(32).reshape(1, 1, 16, 2)  # two channels, 0..31
+    ones = np.ones((2, 1, 1, 1))
+    cases = [
+        # acc = x - x_zero_point, scale 0.5: every odd acc is a tie.
+        _dw_case("ties_half_even", codes, ones, [0, 0], [0.5, 0.5], x_zero_point=8,
+                 zero_point=8),
+        # min(x, x_hi) before the sum: codes above 12 read as 12, x_hi = x_zero_point too.
+        _dw_case("input_ceiling", codes, ones, [0, 1], [1.0, 1.0], x_hi=12),
+        _dw_case("input_ceiling_at_zero_point", codes, ones, [0, 0], [1.0, 1.0],
+                 x_zero_point=5, x_hi=5, zero_point=9),
+        # 2 * x + 10 against [12, 20]: below, on and above each edge.
+        _dw_case("clamp_edges", codes, 2 * ones, [0, 0], [1.0, 1.0], lo=12, hi=20,
+                 zero_point=10),
+        # acc + B beyond 2^24: float32(acc + B) rounds before the multiply.
+        _dw_case("acc_beyond_2p24", rng.integers(240, 256, (1, 5, 5, 3)),
+                 np.full((3, 1, 3, 3), 127), [1, 0, (1 << 29) - 3],
+                 [1.0733e-5, 1.1e-5, 4.1e-7], pads=[1, 1, 1, 1]),
+    ]
+    for shape in [(16, 8, 3, 1, 15, 127, {"hi": 15, "x_hi": 15}),  # MobileNet's 4-bit block
+                  (32, 9, 3, 2, 255, 127, {"hi": 15, "x_hi": 15}),  # codes above x_hi
+                  (48, 7, 3, 1, 255, 127, {"n": 2}),  # 8-bit codes: sums beyond int16
+                  (24, 6, 3, 2, 15, 8, {"lo": 3, "hi": 200, "zero_point": 3}),  # 16 + 8 lanes
+                  (5, 7, 5, 3, 15, 8, {"n": 2, "pads": [1, 4, 2, 0], "x_zero_point": 7}),
+                  (16, 11, 11, 1, 15, 127, {"x_hi": 15, "pads": [5, 5, 5, 5]}),  # 121 taps
+                  (17, 4, 2, 1, 255, 64, {"pads": [1, 0, 0, 1], "lo": 10, "hi": 250})]:
+        c, size, k, stride, x_max, w_max, extra = shape
+        cases.append(_random_dw(rng, f"c{c}_s{size}_k{k}_st{stride}_x{x_max}_w{w_max}", c, size,
+                                k, stride, x_max=x_max, w_max=w_max, **extra))
+    return cases
+
+
 BUILDERS = {
     "UniformQuant": uniform_quant_cases,
     "CompandQuant": compand_quant_cases,
@@ -268,6 +323,7 @@ BUILDERS = {
     "Pow2Shift": pow2_shift_cases,
     "SampleMaxQuant": sample_max_quant_cases,
     "QConvClamp": qconv_clamp_cases,
+    "QDepthwiseConvClamp": qdepthwise_conv_clamp_cases,
 }
 
 
