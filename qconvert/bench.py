@@ -43,7 +43,7 @@ Runner = Callable[[np.ndarray], np.ndarray]
 PLAIN = "plain load (ORT + library)"
 SESSION = "qconvert session"
 INTEGER = "integer b'=8 (plain load)"
-QCONV_CLAMP = "integer b'=8 QConvClamp"  # the --conv-kernel qconvert file, plain load
+QCONV_CLAMP = "integer b'=8 --conv-kernel qconvert"  # that file, plain load
 STOCK = "stock ORT (function bodies)"
 FP32 = "FP32 ONNX (ORT)"
 EAGER = "PyTorch eager QAT"
@@ -205,7 +205,7 @@ def _export_integer(ckpt: Checkpoint, calib: np.ndarray, int_path: Path,
     try:
         write_exported(with_qconv_clamp(integer), qcc_path)
     except QConvertError as exc:
-        return [f"no QConvClamp row: {exc}"]
+        return [f"no row for {exc}"]  # the refusal names the option
     return []
 
 

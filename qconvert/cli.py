@@ -81,7 +81,8 @@ def _human(n: float) -> str:
               help="Top-1 agreement --outer-bits auto must reach.")
 @click.option("--conv-kernel", type=click.Choice(["standard", "qconvert"]), default="standard",
               show_default=True,
-              help="Integer mode: qconvert writes every convolution as one QConvClamp node "
+              help="Integer mode: qconvert writes every convolution as one QConvClamp node, "
+                   "or in a model with depthwise convolutions those as QDepthwiseConvClamp "
                    "(faster, needs the qconvert library; refused when a convolution cannot "
                    "be); standard keeps ONNX's QDQ convolutions for a stock ONNX Runtime.")
 @click.option("--allow-pickle", is_flag=True,
@@ -277,7 +278,8 @@ def validate(checkpoint: Path, model: Path, calib: Path | None, synthetic: int |
     echo(f"runtime: {runtime}; data: {data.source}, {len(data.x)} samples")
     man = manifest.read(onnx_model)
     if man.mode == "integer":
-        kernel = ", convolutions as qconvert QConvClamp" if man.needs_library else ""
+        from .export.integer import kernel_form
+        kernel = f", {kernel_form(onnx_model)}" if man.needs_library else ""
         echo(f"integer model (b'={man.outer_bits}{kernel}): judged on top-1 "
              "agreement with PyTorch; the float64 referee's figures are shown beside")
     with click.progressbar(length=len(data.x), label="validating", file=sys.stderr) as bar:
@@ -415,6 +417,7 @@ def inspect_command(model: Path, as_json: bool, report: Path | None) -> None:
     """Ops, bits, storage and compute of an exported MODEL."""
     from . import manifest
     from .inspect_model import inspect_model
+    from .ops import INTEGER_OPS
     from .runtime import load_model
 
     load_model(model)  # a clear error for a missing or unreadable file
@@ -435,8 +438,10 @@ def inspect_command(model: Path, as_json: bool, report: Path | None) -> None:
                f"({info.fp32_bytes} B); LUT memory {info.lut_bytes} B")
     click.echo(f"MACs/sample {info.macs}; weight bits {info.weight_bits}")
     if info.metadata.get(manifest.Key.CONV_KERNEL, "standard") != "standard":
-        click.echo("convolutions: qconvert QConvClamp nodes; they need the qconvert library "
-                   "(without it ONNX Runtime runs their slower function bodies, if present)")
+        kernels = [op for op in INTEGER_OPS if op in info.custom_ops]
+        click.echo(f"convolutions: qconvert {' / '.join(kernels)} nodes; they need the qconvert "
+                   "library (without it ONNX Runtime runs their slower function bodies, if "
+                   "present)")
     if info.adapter_params:
         click.echo(f"ASQ adapters: {info.adapter_params} params "
                    f"({info.adapter_param_ratio:.2%} of quantized weights), {info.adapter_macs} "

@@ -18,9 +18,11 @@ from .ops import DOMAIN
 
 COMPUTE_OPS = {"Conv", "Gemm", "MatMul", "ConvInteger", "MatMulInteger"}
 # Integer compute nodes: the layer type they compute and their output's element type.
-INTEGER_OPS = {"ConvInteger": "Conv", "MatMulInteger": "Gemm", "QConvClamp": "Conv"}
+INTEGER_OPS = {"ConvInteger": "Conv", "MatMulInteger": "Gemm", "QConvClamp": "Conv",
+               "QDepthwiseConvClamp": "Conv"}  # its channels-last output counts the same
 INTEGER_OUTPUTS = {"ConvInteger": onnx.TensorProto.INT32, "MatMulInteger": onnx.TensorProto.INT32,
-                   "QConvClamp": onnx.TensorProto.UINT8}
+                   "QConvClamp": onnx.TensorProto.UINT8,
+                   "QDepthwiseConvClamp": onnx.TensorProto.UINT8}
 
 
 @dataclass

@@ -46,5 +46,5 @@ def test_note_instead_of_the_row_for_a_refused_model():
     names = [c["name"] for c in result.candidates]
     assert INTEGER in names and QCONV_CLAMP not in names
     assert len(result.notes) == 1
-    assert result.notes[0].startswith("no QConvClamp row: --conv-kernel qconvert: layer ")
+    assert result.notes[0].startswith("no row for --conv-kernel qconvert: layer ")
     assert "ASQ's per-sample activation step" in result.notes[0]

@@ -28,6 +28,8 @@ from qconvert.errors import QConvertError
 from qconvert.export.integer import check_qconv_clamp, to_integer, with_qconv_clamp
 from qconvert.export.onnx_export import build_onnx
 from qconvert.native import library_path, register
+from qconvert.ops import DOMAIN_VERSION
+from qconvert.ops.qdepthwise_conv_clamp import TO_NCHW, TO_NHWC
 from qconvert.preprocess import prepare_inputs
 from qconvert.quant import quantize_model
 
@@ -73,7 +75,7 @@ def test_every_convolution_becomes_one_qconv_clamp(resnet20):
     ops = [n.op_type for n in model.graph.node]
     convs = sum(op == "Conv" for op in [n.op_type for n in standard.graph.node])
     assert convs == 21 and ops.count("QConvClamp") == convs and "Conv" not in ops
-    assert {(o.domain, o.version) for o in model.opset_import} >= {("qconvert", 4)}
+    assert {(o.domain, o.version) for o in model.opset_import} >= {("qconvert", DOMAIN_VERSION)}
     assert [f.name for f in model.functions] == ["QConvClamp"]
     assert manifest.read(model).needs_library and not manifest.read(standard).needs_library
     onnx.checker.check_model(model, full_check=True)
@@ -242,30 +244,20 @@ def no_calibration(monkeypatch) -> list[str]:
     return called
 
 
-def _first_grouped_conv(ckpt) -> str:
-    return next(name for name, m in ckpt.model.named_modules()
-                if isinstance(m, torch.nn.Conv2d) and m.groups > 1)
-
-
-@pytest.mark.parametrize("name, first_refused, why, options", [
-    ("mobilenetv2_small-lcq-w4a4.pt", _first_grouped_conv, "a grouped convolution (group=", []),
-    ("resnet20-asq-post-w4a4.pt", _first_asq_conv, PER_SAMPLE,
-     ["--outer-bits", "auto", "--calib", str(CALIB)]),
-])
-def test_cli_refuses_before_calibrating(tmp_path, no_calibration, name, first_refused, why,
-                                        options):
-    """MobileNetV2's depthwise convolutions, ASQ's per-sample steps: exit 2, one line naming
-    the layer, before integer mode rewrites or calibrates anything (nor measures b')."""
-    path = ROOT / "models" / "checkpoints" / name
+def test_cli_refuses_before_calibrating(tmp_path, no_calibration):
+    """ASQ's per-sample steps: exit 2, one line naming the layer, before integer mode
+    rewrites or calibrates anything (nor measures b')."""
+    path = ROOT / "models" / "checkpoints" / "resnet20-asq-post-w4a4.pt"
     if not path.is_file():
-        pytest.skip(f"no shipped {name}")
+        pytest.skip(f"no shipped {path.name}")
     out = tmp_path / "m.onnx"
     result = CliRunner().invoke(main, ["export", str(path), "-o", str(out), "--mode", "integer",
-                                       "--conv-kernel", "qconvert", *options])
+                                       "--conv-kernel", "qconvert", "--outer-bits", "auto",
+                                       "--calib", str(CALIB)])
     assert no_calibration == [] and result.exit_code == 2, result.output
     error = [line for line in result.output.splitlines() if line.startswith("error")]
-    layer = first_refused(qconvert.load_checkpoint(path))
-    assert len(error) == 1 and f"--conv-kernel qconvert: layer {layer}: {why}" in error[0]
+    layer = _first_asq_conv(qconvert.load_checkpoint(path))
+    assert len(error) == 1 and f"--conv-kernel qconvert: layer {layer}: {PER_SAMPLE}" in error[0]
     assert not out.exists()
 
 
@@ -322,3 +314,93 @@ def test_max_pools_read_float_and_give_the_same_codes(name, tmp_path):
     want = _outputs(standard, x, library=False)
     np.testing.assert_array_equal(_outputs(model, x, library=True), want)
     np.testing.assert_array_equal(_outputs(model, x, library=False), want)
+
+
+MOBILENET = ROOT / "models" / "checkpoints" / "mobilenetv2_small-lcq-w4a4.pt"
+
+
+def _random_mobilenet(path: Path) -> Path:
+    """MobileNetV2-small at 32x32, LSQ W4A4 with quantizers initialised on random data:
+    4-bit codes, so every depthwise layer's input has a ceiling Clip to fold."""
+    torch.manual_seed(0)
+    model = quantize_model(build_architecture("mobilenetv2_small", {"in_channels": 3}),
+                           "lsq", 4, 4)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, 3, 32, 32))
+    model.eval()
+    return qconvert.save_checkpoint(path, model, arch="mobilenetv2_small",
+                                    arch_kwargs={"in_channels": 3}, input_shape=(3, 32, 32))
+
+
+def _optimized_ops(model: onnx.ModelProto, tmp_path: Path) -> list[str]:
+    """Node types of the graph a plain ONNX Runtime session runs (ORT_ENABLE_ALL)."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    register(options)
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+
+
+@pytest.mark.parametrize("name", ["shipped lcq", "random lsq"])
+def test_depthwise_convolutions_become_channels_last_nodes(name, tmp_path):
+    """A model with depthwise convolutions: those become QDepthwiseConvClamp between a
+    transpose to channels-last and one back, every other convolution stays QDQ, and each
+    4-bit input ceiling Clip folds into its node. Expected: the standard file's outputs, bit
+    for bit (with the library and through the function bodies), and ONNX Runtime's optimized
+    graph with no more transposes than the standard file's (they cancel against its NHWC
+    QLinearConvs) and two Clips fewer per depthwise layer of 4-bit codes."""
+    if name == "shipped lcq":
+        if not MOBILENET.is_file():
+            pytest.skip("no shipped MobileNetV2 checkpoint")
+        ckpt = qconvert.load_checkpoint(MOBILENET)
+        data = load_calibration(CALIB, ckpt.input.shape)
+        x = prepare_inputs(data.x, ckpt.input.shape, ckpt.input.mean, ckpt.input.std).numpy()
+    else:
+        ckpt = qconvert.load_checkpoint(_random_mobilenet(tmp_path / "mobilenet.pt"))
+        x = np.random.default_rng(0).standard_normal((64, 3, 32, 32)).astype(np.float32)
+    exact, _ = build_onnx(ckpt)
+    check_qconv_clamp(exact)
+    standard = to_integer(exact, 8, calib=x)
+    model = with_qconv_clamp(standard)
+    convs = [n for n in standard.graph.node if n.op_type == "Conv"]
+    depthwise = [n for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    producers = {o: n for n in model.graph.node for o in n.output}
+    readers = {i: n for n in model.graph.node for i in n.input}
+    nodes = [n for n in model.graph.node if n.op_type == "QDepthwiseConvClamp"]
+    assert len(depthwise) == 7 and sorted(n.name for n in nodes) == sorted(
+        n.name for n in depthwise)
+    assert sum(n.op_type == "Conv" for n in model.graph.node) == len(convs) - len(depthwise)
+    for node in nodes:
+        before, after = producers[node.input[0]], readers[node.output[0]]
+        assert before.op_type == after.op_type == "Transpose"
+        assert list(before.attribute[0].ints) == TO_NHWC and list(after.attribute[0].ints) == \
+            TO_NCHW
+    x_hi = [helper.get_attribute_value(next(a for a in n.attribute if a.name == "x_hi"))
+            for n in nodes]
+    assert x_hi == [15] * 7 if name == "random lsq" else x_hi == [255] * 7  # LCQ: calibrated
+    want = _outputs(standard, x, library=False)
+    np.testing.assert_array_equal(_outputs(model, x, library=True), want)
+    np.testing.assert_array_equal(_outputs(model, x, library=False), want)
+    ours, theirs = _optimized_ops(model, tmp_path), _optimized_ops(standard, tmp_path)
+    assert ours.count("Transpose") <= theirs.count("Transpose")
+    # LSQ: each layer's input ceiling and output ceiling; LCQ's calibrated codes have none.
+    assert theirs.count("Clip") - ours.count("Clip") == (14 if name == "random lsq" else 0)
+
+
+def test_cli_exports_mobilenet_with_depthwise_nodes(tmp_path):
+    """The shipped MobileNetV2: exported with the option, the summary and inspect say which
+    convolutions are qconvert nodes."""
+    if not MOBILENET.is_file():
+        pytest.skip("no shipped MobileNetV2 checkpoint")
+    out = tmp_path / "m.onnx"
+    runner = CliRunner()
+    result = runner.invoke(main, ["export", str(MOBILENET), "-o", str(out), "--mode", "integer",
+                                  "--calib", str(CALIB), "--conv-kernel", "qconvert"])
+    assert result.exit_code == 0, result.output
+    assert "7 depthwise convolutions as qconvert QDepthwiseConvClamp (they need the qconvert " \
+           "library" in result.output and "the others QDQ" in result.output
+    inspected = runner.invoke(main, ["inspect", str(out)])
+    assert inspected.exit_code == 0, inspected.output
+    assert "convolutions: qconvert QDepthwiseConvClamp nodes" in inspected.output

@@ -1,17 +1,26 @@
-"""Integer mode's opt-in convolution kernel (docs/integer-mode.md): every
-``DequantizeLinear(codes) -> Conv -> [Relu ->] QuantizeLinear [-> Clip]`` of an integer
-model becomes one qconvert ``QConvClamp`` (docs/ops.md#qconvclamp), which gives the same
-codes as ONNX Runtime's QLinearConv + Clip in one native kernel.
+"""Integer mode's opt-in convolution kernels (docs/integer-mode.md): each
+``[Clip ->] DequantizeLinear(codes) -> Conv -> [Relu ->] QuantizeLinear [-> Clip]`` of an
+integer model becomes one qconvert node that gives the same codes as ONNX Runtime's
+QLinearConv + Clip in one native kernel:
 
-All or nothing: a QLinearConv left in the graph is run NHWC by ONNX Runtime, which then
-puts transposes between it and the NCHW custom nodes, so a convolution that cannot be
-rewritten refuses the whole option, naming the layer and the reason. What the model's
-structure decides is refused earlier, on the exact-mode model (``check_qconv_clamp``),
-before integer mode calibrates.
+- a model without depthwise convolutions: every convolution becomes a ``QConvClamp``
+  (docs/ops.md#qconvclamp), all or nothing: a QLinearConv left in the graph is run NHWC
+  by ONNX Runtime, which then puts transposes between it and the NCHW custom nodes;
+- a model with depthwise convolutions (MobileNet's blocks): those become
+  ``QDepthwiseConvClamp`` nodes (docs/ops.md#qdepthwiseconvclamp), channels-last between
+  two transposes that cancel against the ones ONNX Runtime puts around its own NHWC
+  QLinearConv, and the other convolutions stay QDQ, on ORT's kernels (QConvClamp is slower
+  than them on MobileNet's 1x1 convolutions). The ceiling Clip on a depthwise layer's
+  input codes folds into the node.
+
+A convolution that cannot be rewritten refuses the whole option, naming the layer and
+the reason. What the model's structure decides is refused earlier, on the exact-mode
+model (``check_qconv_clamp``), before integer mode calibrates.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,8 +29,9 @@ from onnx import helper, numpy_helper
 
 from ... import manifest
 from ...errors import QConvertError
-from ...ops import DOMAIN, DOMAIN_VERSION, functions
+from ...ops import DOMAIN, DOMAIN_VERSION, INTEGER_OPS, functions
 from ...ops.qconv_clamp import MAX_KERNEL, MAX_STRIDE
+from ...ops.qdepthwise_conv_clamp import TO_NCHW, TO_NHWC
 from .edit import GraphEdit, node_attrs, prune
 
 
@@ -29,10 +39,14 @@ from .edit import GraphEdit, node_attrs, prune
 class ConvChain:
     """One convolution and the nodes QConvClamp replaces, with its constants."""
 
-    nodes: list[onnx.NodeProto]  # Conv [, Relu], QuantizeLinear [, Clip]
+    nodes: list[onnx.NodeProto]  # [input Clip,] Conv [, Relu], QuantizeLinear [, Clip]
     inputs: list[str]  # codes, int8 weights, int32 bias
     scale: np.ndarray  # ORT's multiplier, float32(x_scale * w_scale) / y_scale
-    attrs: dict  # QConvClamp's attributes
+    attrs: dict  # the node's attributes; "group" for a depthwise one
+
+    @property
+    def depthwise(self) -> bool:
+        return "group" in self.attrs
 
 
 def _constant(g: GraphEdit, name: str) -> np.ndarray | None:
@@ -67,14 +81,22 @@ def _refuse(layer: str, why: str) -> QConvertError:
                          "--conv-kernel (the standard QDQ convolutions)")
 
 
-def qconv_clamp_geometry(layer: str, attrs: dict, kernel: list[int]) -> dict:
-    """What QConvClamp computes, stated once: a 2-D, ungrouped, undilated convolution with
-    explicit pads, strides and kernel within the native kernel's bounds. ``attrs``: the
-    Conv node's attributes (the exact-mode and integer models' Conv nodes carry the same),
-    ``kernel``: the weight's spatial shape. Its QConvClamp attributes, or a refusal."""
-    if attrs.get("group", 1) != 1:
-        raise _refuse(layer, f"a grouped convolution (group={attrs['group']}), which "
-                             "QConvClamp does not compute")
+def is_depthwise(attrs: dict, w_shape) -> bool:
+    """One input and one output channel per group, more than one group."""
+    group = attrs.get("group", 1)
+    return group > 1 and w_shape[0] == group and w_shape[1] == 1
+
+
+def qconv_clamp_geometry(layer: str, attrs: dict, w_shape) -> dict:
+    """What QConvClamp and QDepthwiseConvClamp compute, stated once: a 2-D, undilated
+    convolution, ungrouped or depthwise, with explicit pads, strides and kernel within the
+    native kernels' bounds. ``attrs``: the Conv node's attributes (the exact-mode and
+    integer models' Conv nodes carry the same), ``w_shape``: the weight's shape. The
+    node's geometry attributes, or a refusal."""
+    group, kernel = attrs.get("group", 1), list(w_shape[2:])
+    if group != 1 and not is_depthwise(attrs, w_shape):
+        raise _refuse(layer, f"a grouped convolution (group={group}) that is not depthwise, "
+                             "which neither QConvClamp nor QDepthwiseConvClamp computes")
     if any(d != 1 for d in attrs.get("dilations", [1])):
         raise _refuse(layer, "a dilated convolution, which QConvClamp does not compute")
     if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
@@ -89,7 +111,7 @@ def qconv_clamp_geometry(layer: str, attrs: dict, kernel: list[int]) -> dict:
         raise _refuse(layer, f"strides {strides}, kernel {kernel}, pads {pads} outside "
                              f"QConvClamp's bounds (strides <= {MAX_STRIDE}, kernel <= "
                              f"{MAX_KERNEL}, pads below the kernel)")
-    return {"strides": strides, "pads": pads}
+    return {"strides": strides, "pads": pads} | ({"group": int(group)} if group != 1 else {})
 
 
 def _per_sample_step(layer: str) -> QConvertError:
@@ -123,8 +145,24 @@ def _requantized_output(g: GraphEdit, layer: str, conv: onnx.NodeProto):
     return chain, np.float32(y_scale.reshape(-1)[0]), (lo, hi, zp)
 
 
+def _input_ceiling(g: GraphEdit, codes: str, dq: onnx.NodeProto,
+                   x_zp: int) -> tuple[str, int, list[onnx.NodeProto]]:
+    """(codes, x_hi, nodes folded): the codes before a ceiling Clip that only this
+    convolution reads, which then folds into the node's x_hi; else (codes, 255, [])."""
+    clip = g.producers.get(codes)
+    if clip is None or clip.op_type != "Clip" or _only_reader(g, codes) is not dq or \
+            len(g.consumers.get(dq.output[0], [])) != 1:
+        return codes, 255, []
+    lo, hi = (_constant(g, clip.input[i]) if len(clip.input) > i and clip.input[i] else None
+              for i in (1, 2))
+    if hi is None or hi.dtype != np.uint8 or (lo is not None and int(lo) != 0) or \
+            int(hi) < x_zp:
+        return codes, 255, []
+    return clip.input[0], int(hi), [clip]
+
+
 def conv_chain(g: GraphEdit, layer: str, conv: onnx.NodeProto) -> ConvChain:
-    """The QConvClamp equivalent of one convolution, or a refusal naming the layer."""
+    """The qconvert node equivalent to one convolution, or a refusal naming the layer."""
     x = _dequantized(g, conv.input[0], np.uint8)
     w = _dequantized(g, conv.input[1], np.int8) if len(conv.input) > 1 else None
     b = _dequantized(g, conv.input[2], np.int32) if len(conv.input) > 2 and conv.input[2] else None
@@ -141,7 +179,7 @@ def conv_chain(g: GraphEdit, layer: str, conv: onnx.NodeProto) -> ConvChain:
     w_zp = _constant(g, w[0].input[2]) if len(w[0].input) > 2 else None
     if w_zp is not None and np.any(w_zp != 0):
         raise _refuse(layer, "its weight zero point is not 0")
-    geometry = qconv_clamp_geometry(layer, node_attrs(conv), list(w[1].shape[2:]))
+    geometry = qconv_clamp_geometry(layer, node_attrs(conv), w[1].shape)
     chain, y_scale, (lo, hi, zp) = _requantized_output(g, layer, conv)
     x_scale = np.float32(_constant(g, x[0].input[1]).reshape(-1)[0])
     w_scale = w_scale.astype(np.float32).reshape(-1)
@@ -149,8 +187,25 @@ def conv_chain(g: GraphEdit, layer: str, conv: onnx.NodeProto) -> ConvChain:
     if scale.size == 1:
         scale = np.repeat(scale, w[1].shape[0])
     x_zp = int(_constant(g, x[0].input[2]).reshape(-1)[0])
-    return ConvChain([conv, *chain], [x[0].input[0], w[0].input[0], b[0].input[0]], scale,
-                     {**geometry, "lo": lo, "hi": hi, "zero_point": zp, "x_zero_point": x_zp})
+    attrs = {**geometry, "lo": lo, "hi": hi, "zero_point": zp, "x_zero_point": x_zp}
+    codes, folded = x[0].input[0], []
+    if "group" in geometry:
+        codes, attrs["x_hi"], folded = _input_ceiling(g, codes, x[0], x_zp)
+    return ConvChain([*folded, conv, *chain], [codes, w[0].input[0], b[0].input[0]], scale,
+                     attrs)
+
+
+def kernel_form(model: onnx.ModelProto, note: str = "") -> str:
+    """How the integer model ``model``'s convolutions run, for summaries, ``note`` after
+    the qconvert op's name; "" for QDQ convolutions only."""
+    counts = Counter(n.op_type for n in model.graph.node if n.domain == DOMAIN and
+                     n.op_type in INTEGER_OPS)
+    if set(counts) == {"QConvClamp"}:
+        return f"convolutions as qconvert QConvClamp{note}"
+    if counts:
+        return (f"{counts['QDepthwiseConvClamp']} depthwise convolutions as qconvert "
+                f"QDepthwiseConvClamp{note}, the others QDQ")
+    return ""
 
 
 def _layer_names(model: onnx.ModelProto) -> dict[str, str]:
@@ -165,6 +220,13 @@ def _convolutions(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return convs
 
 
+def _rewritten(convs: list[onnx.NodeProto], weight_shape) -> list[onnx.NodeProto]:
+    """The convolutions the option rewrites: the depthwise ones when there are any (the
+    others stay on ORT's NHWC kernels), else all. ``weight_shape``: Conv -> its shape."""
+    depthwise = [c for c in convs if is_depthwise(node_attrs(c), weight_shape(c))]
+    return depthwise or convs
+
+
 def check_qconv_clamp(model: onnx.ModelProto) -> None:
     """Refuse, from the exact-mode model ``model`` alone, what with_qconv_clamp would refuse
     for the model's structure (geometry, ASQ's per-sample steps, convolutions integer mode
@@ -176,7 +238,9 @@ def check_qconv_clamp(model: onnx.ModelProto) -> None:
         raise QConvertError(f"check_qconv_clamp reads the exact-mode model, not {man.mode}")
     records = {r.compute_node: r for r in man.layers}
     producers = {o: n for n in model.graph.node for o in n.output}
-    for conv in _convolutions(model):
+    shapes = {c.name: records[c.name].weight.shape if c.name in records else ()
+              for c in _convolutions(model)}
+    for conv in _rewritten(_convolutions(model), lambda c: shapes[c.name]):
         record = records.get(conv.name)
         if record is None:
             raise _refuse(conv.name or conv.output[0], "not a quantized layer, so integer "
@@ -185,12 +249,12 @@ def check_qconv_clamp(model: onnx.ModelProto) -> None:
         if quantizer is not None and quantizer.domain == DOMAIN and \
                 quantizer.op_type == "AdaptiveStep":
             raise _per_sample_step(record.name)
-        qconv_clamp_geometry(record.name, node_attrs(conv), record.weight.shape[2:])
+        qconv_clamp_geometry(record.name, node_attrs(conv), record.weight.shape)
 
 
 def with_qconv_clamp(model: onnx.ModelProto, with_functions: bool = True) -> onnx.ModelProto:
-    """A copy of the integer model ``model`` whose convolutions are all QConvClamp nodes;
-    a QConvertError naming the first layer that cannot be rewritten, and why."""
+    """A copy of the integer model ``model`` whose convolutions are qconvert nodes (see
+    above); a QConvertError naming the first layer that cannot be rewritten, and why."""
     man = manifest.read(model)
     if man.mode != "integer":
         raise QConvertError("--conv-kernel qconvert rewrites integer-mode models (--mode integer)")
@@ -198,31 +262,51 @@ def with_qconv_clamp(model: onnx.ModelProto, with_functions: bool = True) -> onn
     out.CopyFrom(model)
     g, names = GraphEdit(out), _layer_names(out)
     chains = []
-    for conv in _convolutions(out):
+    for conv in _rewritten(_convolutions(out), lambda c: _weight_shape(g, c)):
         layer = names.get(conv.name, conv.name)
         if man.integer.get(layer, {}).get("act", {}).get("kind") == "asq":
             raise _per_sample_step(layer)
         chains.append(conv_chain(g, layer, conv))
     _replace(out, chains)
-    _pool_codes_as_float(out)
-    _use_op_set(out, with_functions)
+    if not any(chain.depthwise for chain in chains):
+        _pool_codes_as_float(out)
+    _use_op_set(out, with_functions, {n.op_type for n in out.graph.node if n.domain == DOMAIN})
     man.conv_kernel = "qconvert"
     manifest.write(out, man)
     return out
 
 
+def _weight_shape(g: GraphEdit, conv: onnx.NodeProto) -> tuple[int, ...]:
+    """The shape of an integer model's convolution weight (behind its DequantizeLinear)."""
+    node = g.producers.get(conv.input[1])
+    value = conv.input[1] if node is None else node.input[0]
+    return tuple(g.array(value).shape) if g.is_const(value) else ()
+
+
 def _replace(model: onnx.ModelProto, chains: list[ConvChain]) -> None:
-    """Each chain's last node becomes its QConvClamp; the others and the constants and
-    DequantizeLinear nodes only they read go."""
+    """Each chain's last node becomes its qconvert node (between transposes to and from
+    channels-last for a depthwise one); the others and the constants and DequantizeLinear
+    nodes only they read go."""
     substitutes: dict[int, list[onnx.NodeProto]] = {}
     for chain in chains:
-        conv = chain.nodes[0]
+        conv = next(n for n in chain.nodes if n.op_type == "Conv")
         name = conv.name or conv.output[0]
         model.graph.initializer.append(numpy_helper.from_array(chain.scale, f"{name}/qcc_scale"))
         substitutes.update({id(n): [] for n in chain.nodes[:-1]})
-        substitutes[id(chain.nodes[-1])] = [helper.make_node(
-            "QConvClamp", [*chain.inputs, f"{name}/qcc_scale"], [chain.nodes[-1].output[0]],
-            domain=DOMAIN, name=name, **chain.attrs)]
+        codes, (weights, bias), y = chain.inputs[0], chain.inputs[1:], chain.nodes[-1].output[0]
+        if not chain.depthwise:
+            substitutes[id(chain.nodes[-1])] = [helper.make_node(
+                "QConvClamp", [codes, weights, bias, f"{name}/qcc_scale"], [y], domain=DOMAIN,
+                name=name, **chain.attrs)]
+            continue
+        substitutes[id(chain.nodes[-1])] = [
+            helper.make_node("Transpose", [codes], [f"{name}/nhwc_in"], name=f"{name}/to_nhwc",
+                             perm=TO_NHWC),
+            helper.make_node("QDepthwiseConvClamp", [f"{name}/nhwc_in", weights, bias,
+                                                     f"{name}/qcc_scale"],
+                             [f"{name}/nhwc_out"], domain=DOMAIN, name=name, **chain.attrs),
+            helper.make_node("Transpose", [f"{name}/nhwc_out"], [y], name=f"{name}/to_nchw",
+                             perm=TO_NCHW)]
     _substitute(model, substitutes)
 
 
@@ -305,8 +389,8 @@ def _pool_codes_as_float(model: onnx.ModelProto) -> None:
     _substitute(model, substitutes)
 
 
-def _use_op_set(model: onnx.ModelProto, with_functions: bool) -> None:
-    """Import the op-set version that has QConvClamp and carry its function body."""
+def _use_op_set(model: onnx.ModelProto, with_functions: bool, ops: set[str]) -> None:
+    """Import the op-set version that has the qconvert ``ops`` and carry their bodies."""
     imports = [o for o in model.opset_import if o.domain == DOMAIN]
     if imports:
         imports[0].version = DOMAIN_VERSION
@@ -314,4 +398,5 @@ def _use_op_set(model: onnx.ModelProto, with_functions: bool) -> None:
         model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
     if with_functions:
         opset = next(o.version for o in model.opset_import if o.domain == "")
-        model.functions.extend(functions(opset, {"QConvClamp"}))
+        have = {f.name for f in model.functions}
+        model.functions.extend(functions(opset, ops - have))

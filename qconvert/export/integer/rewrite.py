@@ -12,6 +12,7 @@ from ... import manifest
 from ...errors import QConvertError
 from ...manifest import LayerRecord
 from .activations import WIDE_ACT_STEPS, ActInfo, IntAct, int_act
+from .conv_kernel import kernel_form
 from .edit import GraphEdit, node_attrs, prune, stock_session
 from .requant import (
     CALIB_BATCH,
@@ -298,9 +299,9 @@ def integer_summary(model: onnx.ModelProto) -> str:
     details = integer_details(model)
     outputs = [d["output"] for d in details.values()]
     residual = man.integer.get(GRAPH_KEY, {}).get("residual_adds", {})
-    form = ("u8 x s8, convolutions as qconvert QConvClamp (they need the qconvert library, "
-            "or run slower through their function bodies)" if man.needs_library else
-            "u8 x s8 QDQ")
+    kernels = kernel_form(model, " (they need the qconvert library, or run slower through "
+                                 "their function bodies)")
+    form = f"u8 x s8, {kernels}" if kernels else "u8 x s8 QDQ"
     return (f"integer mode b'={man.outer_bits}: {len(details)} layers as {form} "
             f"({outputs.count('requantized')} requantized onto the next quantizer's grid, "
             f"{outputs.count('calibrated')} through calibrated uint8, "
