@@ -315,17 +315,28 @@ QC_TARGET_AVX2 inline Sums ZeroSums() {
   return {z, z, z};
 }
 
-template <bool kCeiling, bool kInt16>
-QC_TARGET_AVX2 inline void AddTap(Sums& s, __m128i codes, __m256i w, const OutParams& o) {
+// 16 codes as int16, after the ceiling.
+template <bool kCeiling>
+QC_TARGET_AVX2 inline __m256i Widen(__m128i codes, const OutParams& o) {
   if (kCeiling) codes = _mm_min_epu8(codes, o.ceiling);
-  // |code * w| <= 255 * 128: exact in int16 (w = -128 only reaches 32640).
-  const __m256i product = _mm256_mullo_epi16(_mm256_cvtepu8_epi16(codes), w);
+  return _mm256_cvtepu8_epi16(codes);
+}
+
+template <bool kInt16>
+QC_TARGET_AVX2 inline void AddProduct(Sums& s, __m256i x, __m256i w) {
+  // |x * w| <= 255 * 128: exact in int16 (w = -128 only reaches 32640).
+  const __m256i product = _mm256_mullo_epi16(x, w);
   if (kInt16) {
     s.s16 = _mm256_add_epi16(s.s16, product);
   } else {
     s.lo = _mm256_add_epi32(s.lo, _mm256_cvtepi16_epi32(_mm256_castsi256_si128(product)));
     s.hi = _mm256_add_epi32(s.hi, _mm256_cvtepi16_epi32(_mm256_extracti128_si256(product, 1)));
   }
+}
+
+template <bool kCeiling, bool kInt16>
+QC_TARGET_AVX2 inline void AddTap(Sums& s, __m128i codes, __m256i w, const OutParams& o) {
+  AddProduct<kInt16>(s, Widen<kCeiling>(codes, o), w);
 }
 
 // 16 output codes: float(sum + bias) * scale, clamped, rounded half to even (the default
@@ -369,16 +380,34 @@ QC_TARGET_AVX2 inline __m128i PixelBlock(const uint8_t* const* at, int64_t taps,
 }
 
 // A 3x3 kernel's interior columns of one row, one full block: the block's 9 weight
-// vectors stay in registers. `src` is the first column's top-left tap, `step` the bytes
-// between columns.
-template <bool kCeiling, bool kInt16>
+// vectors stay in registers. `src` is the first column's top-left tap, `offsets` the
+// taps' byte offsets, c the bytes between input columns. Stride kStride (1 or 2; 0: any,
+// sw_ * c bytes apart in `step`) takes columns in pairs, which share the input columns
+// between them: each is loaded and clamped once (12 loads for 18 taps at stride 1).
+template <bool kCeiling, bool kInt16, int kStride>
 QC_TARGET_AVX2 void Interior3x3Block(const uint8_t* src, const int64_t* offsets, int64_t step,
                                      int64_t columns, int64_t c, const __m256i* wp,
                                      const BlockParams& b, const OutParams& o, uint8_t* dst) {
   __m256i w[9];
   #pragma GCC unroll 9
   for (int t = 0; t < 9; ++t) w[t] = _mm256_loadu_si256(wp + t);
-  for (int64_t col = 0; col < columns; ++col, src += step, dst += c) {
+  int64_t col = 0;
+  for (; kStride > 0 && col + 2 <= columns; col += 2, src += 2 * step, dst += 2 * c) {
+    Sums s0 = ZeroSums(), s1 = ZeroSums();
+    #pragma GCC unroll 3
+    for (int i = 0; i < 3; ++i) {
+      const uint8_t* row = src + offsets[3 * i];
+      #pragma GCC unroll 5
+      for (int q = 0; q < kStride + 3; ++q) {  // input columns under the pair
+        const __m256i x = Widen<kCeiling>(Load16(row + q * c), o);
+        if (q < 3) AddProduct<kInt16>(s0, x, w[3 * i + q]);
+        if (q >= kStride && q < kStride + 3) AddProduct<kInt16>(s1, x, w[3 * i + q - kStride]);
+      }
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), Requantize16<kInt16>(s0, b, o));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c), Requantize16<kInt16>(s1, b, o));
+  }
+  for (; col < columns; ++col, src += step, dst += c) {
     Sums s = ZeroSums();
     #pragma GCC unroll 9
     for (int t = 0; t < 9; ++t) AddTap<kCeiling, kInt16>(s, Load16(src + offsets[t]), w[t], o);
@@ -484,9 +513,12 @@ QC_TARGET_AVX2 void QDepthwiseConvClampKernel::RowsAvx2(const Geometry& g, const
     if (streamed) {
       for (int64_t blk = 0; blk < a.full; ++blk) {
         const BlockParams b = LoadBlock(a.bias + blk * kBlock, a.scale + blk * kBlock);
-        Interior3x3Block<kCeiling, kInt16>(base + blk * kBlock, offsets, sw_ * c_, col1 - col0,
-                                           c_, a.w + blk * a.taps, b, o,
-                                           out_row + col0 * c_ + blk * kBlock);
+        // The pairs read the stride from their template: 1 and 2 are MobileNet's.
+        auto interior = sw_ == 1   ? Interior3x3Block<kCeiling, kInt16, 1>
+                        : sw_ == 2 ? Interior3x3Block<kCeiling, kInt16, 2>
+                                   : Interior3x3Block<kCeiling, kInt16, 0>;
+        interior(base + blk * kBlock, offsets, sw_ * c_, col1 - col0, c_, a.w + blk * a.taps, b,
+                 o, out_row + col0 * c_ + blk * kBlock);
       }
       if (a.tail == 0) continue;
     }
