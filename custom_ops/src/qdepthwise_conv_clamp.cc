@@ -381,9 +381,10 @@ QC_TARGET_AVX2 inline __m128i PixelBlock(const uint8_t* const* at, int64_t taps,
 
 // A 3x3 kernel's interior columns of one row, one full block: the block's 9 weight
 // vectors stay in registers. `src` is the first column's top-left tap, `offsets` the
-// taps' byte offsets, c the bytes between input columns. Stride kStride (1 or 2; 0: any,
-// sw_ * c bytes apart in `step`) takes columns in pairs, which share the input columns
-// between them: each is loaded and clamped once (12 loads for 18 taps at stride 1).
+// taps' byte offsets, `step` the bytes between output columns' taps (stride * c). With
+// kStride = the stride, 1 or 2, columns go in pairs that share their input columns, each
+// loaded and clamped once (12 loads for 18 taps at stride 1); kStride = 0 takes them one
+// by one, at any stride.
 template <bool kCeiling, bool kInt16, int kStride>
 QC_TARGET_AVX2 void Interior3x3Block(const uint8_t* src, const int64_t* offsets, int64_t step,
                                      int64_t columns, int64_t c, const __m256i* wp,
