@@ -22,7 +22,8 @@
 // each tap's product, exact in int16, is widened and summed in int32.
 //
 // Interior pixels of a 3x3 kernel keep a channel block's 9 weight vectors in registers
-// while the row's interior columns stream by (loop order: row, block, column); border
+// while the row's interior columns stream by (loop order: row, block, column), two at a
+// time at stride 1 or 2 so that the input columns they share are loaded once; border
 // pixels and other kernels read through a per-pixel table of tap pointers. Channels past
 // the last multiple of 16 are loaded in place where 16 bytes stay inside X, else copied
 // through a small buffer, and stored through one: nothing is read or written beyond the
