@@ -5,6 +5,7 @@ ResNet-20 (16x16 input), batch 1, one thread.
     python benchmarks/bench_qconv_clamp.py [--rounds 30] [--copies 16] [--clock cpu]
     python benchmarks/bench_qconv_clamp.py --network CKPT [--rounds 40]
     python benchmarks/bench_qconv_clamp.py --layers mobilenetv2 [--copies 2]
+    python benchmarks/bench_qconv_clamp.py --layers mobilenetv2-dw [--copies 2]
 
 Each layer is timed as three single-layer models holding ``--copies`` independent nodes
 (own weights, one shared input, outputs bound once with IOBinding), so a per-node time
@@ -15,6 +16,9 @@ is a run's time / copies and includes ORT's per-node dispatch, which is what a C
 - ``ort_conv``: the same QLinearConv without the Clip;
 - ``qconvert``: QConvClamp on NCHW codes (clamp to [0, 15], or [0, 255] where the network
   has no ceiling).
+``--layers mobilenetv2-dw`` times depthwise layers the same way: ORT's QLinearConv with
+group = C, against QDepthwiseConvClamp on the same NHWC codes (with the input ceiling
+x_hi = 15 applied too, as when it absorbs the Clip before it).
 Rounds interleave the three; ratios are medians of per-round ratios. Before timing, every
 layer checks that QConvClamp gives QLinearConv + Clip's output to the bit on random codes
 (4-bit activations 0..15 and weights -8..7; the stem reads 8-bit codes with |w| <= 64 as
@@ -77,6 +81,7 @@ class Layer:
     x_max: int = 15
     w_range: tuple[int, int] = (-8, 7)
     x_zp: int = 0   # the stem's input is signed: uint8 codes around 128
+    depthwise: bool = False  # group = C = M: QDepthwiseConvClamp on NHWC codes
 
 
 # The 21 convolutions of ResNet-20 at 16x16 (stage 1: 16 channels at 16x16, stage 2: 32 at
@@ -106,6 +111,17 @@ MOBILENETV2_1X1 = [
         ("project", 144, 24, 56), ("expand", 32, 192, 28), ("project", 192, 32, 28),
         ("expand", 64, 384, 14), ("project", 384, 64, 14), ("expand", 160, 960, 7),
         ("project", 960, 160, 7)]]
+# The seven 3x3 depthwise convolutions of qconvert.archs.mobilenetv2_small at a 224x224
+# input (--layers mobilenetv2-dw), each followed by its ceiling.
+MOBILENETV2_DW = [
+    Layer(f"dw {c} @{size}/{stride}", c, c, size, 3, stride, True, 1, w_range=(-126, 126),
+          depthwise=True)
+    for c, size, stride in [(16, 224, 1), (64, 224, 2), (96, 112, 1), (96, 112, 2),
+                            (128, 56, 1), (128, 56, 1), (256, 56, 1)]]
+
+
+LAYER_SETS = {"resnet20": LAYERS, "mobilenetv2": MOBILENETV2_1X1,
+              "mobilenetv2-dw": MOBILENETV2_DW}
 
 
 @dataclass
@@ -134,15 +150,19 @@ def exact_acc(layer: Layer, x: np.ndarray, w: np.ndarray) -> np.ndarray:
     for kh in range(layer.kernel):
         for kw in range(layer.kernel):
             patch = xp[:, kh:kh + s * o:s, kw:kw + s * o:s]
-            acc += np.einsum("mc,chw->mhw", w[:, :, kh, kw].astype(np.int64), patch)
+            if layer.depthwise:
+                acc += w[:, 0, kh, kw].astype(np.int64)[:, None, None] * patch
+            else:
+                acc += np.einsum("mc,chw->mhw", w[:, :, kh, kw].astype(np.int64), patch)
     return acc
 
 
 def random_params(layer: Layer, rng: np.random.Generator, x: np.ndarray,
                   tie: bool = False) -> Params:
     lo, hi = layer.w_range
-    w = rng.integers(lo, hi + 1, (layer.m, layer.c, layer.kernel, layer.kernel)).astype(np.int8)
-    k = layer.c * layer.kernel ** 2
+    group_c = 1 if layer.depthwise else layer.c
+    w = rng.integers(lo, hi + 1, (layer.m, group_c, layer.kernel, layer.kernel)).astype(np.int8)
+    k = group_c * layer.kernel ** 2
     bias = rng.integers(-4 * k, 4 * k + 1, layer.m).astype(np.int32)
     if tie:  # multiplier 0.5: every odd sum lands on .5 (half to even decides)
         return Params(w, bias, np.float32(1), np.full(layer.m, 0.5, np.float32), np.float32(1))
@@ -173,7 +193,7 @@ def ort_model(layer: Layer, params: list[Params], clip: bool) -> onnx.ModelProto
             "QLinearConv", ["x", f"xs{i}", "x_zp", f"w{i}", f"ws{i}", f"wz{i}", f"ys{i}",
                             "zero_u8", f"b{i}"], [conv_out], domain="com.microsoft",
             kernel_shape=[layer.kernel] * 2, pads=[pad] * 4, strides=[layer.stride] * 2,
-            channels_last=1))
+            channels_last=1, group=layer.c if layer.depthwise else 1))
         if clip:
             nodes.append(helper.make_node("Clip", [conv_out, "zero_u8", "ceil"], [f"y{i}"]))
         outputs.append(
@@ -185,20 +205,31 @@ def ort_model(layer: Layer, params: list[Params], clip: bool) -> onnx.ModelProto
 
 
 def qconvert_model(layer: Layer, params: list[Params], ceiling: int) -> onnx.ModelProto:
+    """QConvClamp on NCHW codes, or QDepthwiseConvClamp on NHWC codes."""
     o, pad = out_size(layer), layer.kernel // 2
     nodes, inits, outputs = [], [], []
+    op, extra = "QConvClamp", {}
+    if layer.depthwise:
+        op, extra = "QDepthwiseConvClamp", {"group": layer.c, "x_hi": CEILING}
     for i, p in enumerate(params):
         inits += [_init(f"w{i}", p.w), _init(f"b{i}", p.bias), _init(f"s{i}", p.multiplier())]
         nodes.append(helper.make_node(
-            "QConvClamp", ["x", f"w{i}", f"b{i}", f"s{i}"], [f"y{i}"], domain="qconvert",
+            op, ["x", f"w{i}", f"b{i}", f"s{i}"], [f"y{i}"], domain="qconvert",
             strides=[layer.stride] * 2, pads=[pad] * 4, lo=0, hi=ceiling,
-            x_zero_point=layer.x_zp))
-        outputs.append(
-            helper.make_tensor_value_info(f"y{i}", TensorProto.UINT8, [1, layer.m, o, o]))
-    x = helper.make_tensor_value_info("x", TensorProto.UINT8, [1, layer.c, layer.size, layer.size])
+            x_zero_point=layer.x_zp, **extra))
+        outputs.append(helper.make_tensor_value_info(
+            f"y{i}", TensorProto.UINT8, [1, o, o, layer.m] if layer.depthwise
+            else [1, layer.m, o, o]))
+    x = helper.make_tensor_value_info("x", TensorProto.UINT8, list(layout(layer, np.empty(
+        (1, layer.c, layer.size, layer.size))).shape))
     graph = helper.make_graph(nodes, "qconvert", [x], outputs, inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20),
                                                    helper.make_opsetid("qconvert", DOMAIN_VERSION)])
+
+
+def layout(layer: Layer, x: np.ndarray) -> np.ndarray:
+    """NCHW codes as the qconvert node reads them: NHWC for the depthwise op."""
+    return x.transpose(0, 2, 3, 1) if layer.depthwise else x
 
 
 def session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -233,9 +264,9 @@ def check_identical(layer: Layer, rng: np.random.Generator, copies: int) -> None
         x = rng.integers(0, layer.x_max + 1, (1, layer.c, layer.size, layer.size)).astype(np.uint8)
         params = [random_params(layer, rng, x, tie=(trial == 2)) for _ in range(copies)]
         ref = session(ort_model(layer, params, clip=True)).run(None, {"x": x.transpose(0, 2, 3, 1)})
-        got = session(qconvert_model(layer, params, CEILING)).run(None, {"x": x})
+        got = session(qconvert_model(layer, params, CEILING)).run(None, {"x": layout(layer, x)})
         for i, (r, g) in enumerate(zip(ref, got, strict=True)):
-            if not np.array_equal(r.transpose(0, 3, 1, 2), g):
+            if not np.array_equal(layout(layer, r.transpose(0, 3, 1, 2)), g):
                 raise SystemExit(f"{layer.name}: copy {i} trial {trial} differs from "
                                  f"QLinearConv + Clip")
 
@@ -248,7 +279,7 @@ def time_layer(layer: Layer, rng: np.random.Generator, copies: int, rounds: int,
     cands = {"ort": Bound(session(ort_model(layer, params, clip=layer.ceiling)), x_nhwc),
              "ort_conv": Bound(session(ort_model(layer, params, clip=False)), x_nhwc),
              "qconvert": Bound(session(qconvert_model(
-                 layer, params, CEILING if layer.ceiling else 255)), x)}
+                 layer, params, CEILING if layer.ceiling else 255)), layout(layer, x))}
     # Runs per timed sample: a sample lasts >= 5 ms.
     started = clock()
     for _ in range(20):
@@ -313,8 +344,9 @@ def main() -> None:
     parser.add_argument("--clock", choices=["wall", "cpu"], default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--network", metavar="CKPT", help="time the whole model instead")
-    parser.add_argument("--layers", choices=["resnet20", "mobilenetv2"], default="resnet20",
-                        help="mobilenetv2: its 1x1 convolutions at 224x224 (one of each)")
+    parser.add_argument("--layers", choices=list(LAYER_SETS), default="resnet20",
+                        help="mobilenetv2: its 1x1 convolutions at 224x224 (one of each); "
+                             "mobilenetv2-dw: mobilenetv2_small's depthwise ones at 224x224")
     args = parser.parse_args()
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     if args.network:
@@ -330,7 +362,7 @@ def main() -> None:
     totals = {"ort": 0.0, "ort_conv": 0.0, "qconvert": 0.0}
     print(f"{'layer':<26} {'n':>2} {'clip':>4} {'ORT conv+clip us':>16} {'ORT conv us':>11} "
           f"{'qconvert us':>11} {'q/ORT':>6} {'q/conv':>6}")
-    layers = MOBILENETV2_1X1 if args.layers == "mobilenetv2" else LAYERS
+    layers = LAYER_SETS[args.layers]
     for layer in layers:
         check_identical(layer, rng, copies=4)
         med = time_layer(layer, rng, args.copies, args.rounds, clock)
@@ -343,7 +375,8 @@ def main() -> None:
     print(f"summed ({sum(x.count for x in layers)} convolutions, "
           f"{sum(x.count for x in layers if x.ceiling)} ceilings): ORT QLinearConv + Clip "
           f"{1e6 * totals['ort']:.1f} us, ORT QLinearConv alone {1e6 * totals['ort_conv']:.1f} us, "
-          f"QConvClamp {1e6 * totals['qconvert']:.1f} us: "
+          f"{'QDepthwiseConvClamp' if layers[0].depthwise else 'QConvClamp'} "
+          f"{1e6 * totals['qconvert']:.1f} us: "
           f"{totals['qconvert'] / totals['ort']:.2f}x ORT's nodes")
     print("bit-identical to QLinearConv + Clip on every layer (random codes and exact ties)")
     print(f"load average {os.getloadavg()}")

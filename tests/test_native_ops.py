@@ -31,6 +31,7 @@ INPUT_NAMES = {
     "Pow2Shift": ["codes", "alpha"],
     "SampleMaxQuant": ["X"],
     "QConvClamp": ["X", "W", "B", "scale"],
+    "QDepthwiseConvClamp": ["X", "W", "B", "scale"],
 }
 # Which inputs become initializers in "const" mode: the parameters of the
 # activation ops, everything for the weight-decode ops (their cached path).
@@ -42,6 +43,7 @@ CONST_INPUTS = {
     "Pow2Shift": {"codes", "alpha"},
     "SampleMaxQuant": set(),
     "QConvClamp": {"W", "B", "scale"},  # the kernel packs W at load: always constant
+    "QDepthwiseConvClamp": {"W", "B", "scale"},  # likewise
 }
 NODE = "node_under_test"
 
@@ -129,7 +131,8 @@ def assert_bits_equal(actual: np.ndarray, expected: np.ndarray) -> None:
 def vector_params():
     for op in INPUT_NAMES:
         for case in vectors.cases(op):
-            # QConvClamp refuses a fed W (tests/test_native_qconv_clamp.py), so const only.
+            # The integer ops refuse a fed W (tests/test_native_qconv_clamp.py,
+            # tests/test_native_qdepthwise_conv_clamp.py), so const only.
             for mode in ("const",) if op in INTEGER_OPS else ("feed", "const"):
                 yield pytest.param(op, case, mode, id=f"{op}-{case.name}-{mode}")
 
@@ -238,6 +241,17 @@ def test_qconv_clamp_needs_domain_version_4():
     assert_bits_equal(y, case.expected)
     with pytest.raises(Exception, match="QConvClamp"):  # noqa: B017
         session(model_bytes("QConvClamp", case.inputs, case.attrs, const, domain_version=3))
+
+
+def test_qdepthwise_conv_clamp_needs_domain_version_5():
+    (case, *_) = vectors.cases("QDepthwiseConvClamp")
+    const = CONST_INPUTS["QDepthwiseConvClamp"]
+    y = session(model_bytes("QDepthwiseConvClamp", case.inputs, case.attrs, const,
+                            domain_version=5)).run(None, {"X": case.inputs[0]})[0]
+    assert_bits_equal(y, case.expected)
+    with pytest.raises(Exception, match="QDepthwiseConvClamp"):  # noqa: B017
+        session(model_bytes("QDepthwiseConvClamp", case.inputs, case.attrs, const,
+                            domain_version=4))
 
 
 def test_compand_mirror_and_clip_by_hand():

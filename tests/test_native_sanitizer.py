@@ -2,7 +2,7 @@
 
 Builds custom_ops/build/asan/libqconvert_ops.so (`bash custom_ops/build.sh
 asan`), then runs tests/test_native_ops.py, tests/test_native_qconv_clamp.py (with its
-shape/attribute fuzz) and the fuzz driver in a child
+shape/attribute fuzz), tests/test_native_qdepthwise_conv_clamp.py and the fuzz driver in a child
 Python with the ASan runtime preloaded. The library is built with
 -fno-sanitize-recover=all, so any finding aborts the child and fails the test.
 By hand, from the repository root:
@@ -94,7 +94,7 @@ def test_kernel_tests_under_sanitizers(asan_env, portable):
     env = dict(asan_env, QCONVERT_OPS_PORTABLE=portable)
     output = run_child(
         ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_native_ops.py",
-         "tests/test_native_qconv_clamp.py"],
+         "tests/test_native_qconv_clamp.py", "tests/test_native_qdepthwise_conv_clamp.py"],
         env,
         timeout=900,
     )

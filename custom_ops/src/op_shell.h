@@ -28,14 +28,14 @@ struct StatusKernel : K {
 
 // The newest version of the `qconvert` op set the library serves (version 2
 // added UniformQuant, version 3 SampleMaxQuant and CompandQuant's optional
-// mirror / clip attributes, version 4 QConvClamp; qconvert.ops.DOMAIN_VERSION on the
-// Python side). ORT's
+// mirror / clip attributes, version 4 QConvClamp, version 5 QDepthwiseConvClamp;
+// qconvert.ops.DOMAIN_VERSION on the Python side). ORT's
 // CustomOpBase gives every op the range [1, 2^31 - 1] unless told otherwise;
 // each op here states [K::kSinceVersion, kDomainVersion] instead. ORT binds a
 // node through the op's schema (since-version <= the model's import), so
-// models importing versions 1 to 4 run these kernels (tests/test_native_ops.py
+// models importing versions 1 to 5 run these kernels (tests/test_native_ops.py
 // checks both); raise this with the Python op set.
-constexpr int kDomainVersion = 4;
+constexpr int kDomainVersion = 5;
 
 // K::kOutputType when K declares one, else float32 (every op before QConvClamp).
 template <class K, class = void>

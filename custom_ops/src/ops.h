@@ -12,5 +12,6 @@ const OrtCustomOp* Pow2ShiftOp();
 const OrtCustomOp* UniformQuantOp();
 const OrtCustomOp* SampleMaxQuantOp();
 const OrtCustomOp* QConvClampOp();
+const OrtCustomOp* QDepthwiseConvClampOp();
 
 }  // namespace qconvert

@@ -19,6 +19,7 @@ OrtCustomOpDomain* QconvertDomain() {
     d.Add(qconvert::UniformQuantOp());
     d.Add(qconvert::SampleMaxQuantOp());
     d.Add(qconvert::QConvClampOp());
+    d.Add(qconvert::QDepthwiseConvClampOp());
     return d;
   }();
   return domain;
