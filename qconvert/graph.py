@@ -1,12 +1,14 @@
 """ONNX graph helpers shared by export and the runtime: queries by PyTorch module scope
 (the exporter records each node's module path in its ``pkg.torch.onnx.name_scopes``
-metadata) and node replacement."""
+metadata), node replacement, and the shapes of custom ops' outputs."""
 
 from __future__ import annotations
 
 import ast
 
 import onnx
+
+from .ops import DOMAIN
 
 SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 
@@ -107,3 +109,19 @@ def _value_infos(graph: onnx.GraphProto, names: list[str]) -> list[onnx.ValueInf
     known = {v.name: v for v in graph.value_info}
     return [known.get(n) or onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
             for n in dict.fromkeys(names)]
+
+
+def annotate_custom_op_shapes(model: onnx.ModelProto) -> None:
+    """Record the shape of every qconvert op's output in ``value_info``.
+
+    A runtime cannot infer shapes through a custom op, so without these every value after
+    a quantizer has no shape, and ONNX Runtime's NCHWc layout pass, unable to prove that a
+    residual addition's two inputs match, keeps the addition and its ReLU out of the
+    convolution (reshapes, a separate Add and Relu per block). ONNX shape inference knows
+    them from the ops' schemas (qconvert.ops: shaped_like_x, shaped_by_attribute)."""
+    del model.graph.value_info[:]
+    inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    outputs = {o.name for o in model.graph.output}
+    model.graph.value_info.extend(
+        inferred[name] for node in model.graph.node if node.domain == DOMAIN
+        for name in node.output if name in inferred and name not in outputs)

@@ -48,13 +48,14 @@ def test_each_schema_states_its_output_shape(name):
     assert _dims(y) == (DECODED_SHAPE if "shape" in schema.attributes else X_SHAPE)
 
 
-def _qconv_clamp_output(x_shape: list, w_shape: list, strides: list, pads: list) -> list:
+def _qconv_clamp_output(x_shape: list, w_shape: list, strides: list, pads: list,
+                        op: str = "QConvClamp", **attrs) -> list:
     inputs = [helper.make_tensor_value_info("X", TensorProto.UINT8, x_shape),
               helper.make_tensor_value_info("W", TensorProto.INT8, w_shape),
               helper.make_tensor_value_info("B", TensorProto.INT32, [w_shape[0]]),
               helper.make_tensor_value_info("scale", TensorProto.FLOAT, [w_shape[0]])]
-    node = helper.make_node("QConvClamp", ["X", "W", "B", "scale"], ["Y"], domain=DOMAIN,
-                            strides=strides, pads=pads, lo=0, hi=15)
+    node = helper.make_node(op, ["X", "W", "B", "scale"], ["Y"], domain=DOMAIN,
+                            strides=strides, pads=pads, lo=0, hi=15, **attrs)
     graph = helper.make_graph([node, helper.make_node("Identity", ["Y"], ["Z"])], "g", inputs,
                               [helper.make_tensor_value_info("Z", TensorProto.UINT8, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20),
@@ -73,6 +74,12 @@ def test_qconv_clamp_schema_states_its_output_shape():
                                                   [1, 1, 1, 1])
     assert (batch, m, width) == ("batch", 4, 4)
     assert height.startswith("unk__")  # not known: onnx names it afresh, no number is claimed
+
+
+def test_qdepthwise_conv_clamp_schema_states_its_output_shape():
+    """Channels last: [N, OH, OW, C] with QConvClamp's OH and OW, worked by hand."""
+    assert _qconv_clamp_output(["batch", 9, 7, 6], [6, 1, 3, 2], [2, 1], [1, 0, 1, 1],
+                               "QDepthwiseConvClamp", group=6) == ["batch", 5, 7, 6]
 
 
 def _custom_outputs(model: onnx.ModelProto) -> list[str]:

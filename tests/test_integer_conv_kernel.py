@@ -27,6 +27,7 @@ from qconvert.cli import main
 from qconvert.errors import QConvertError
 from qconvert.export.integer import check_qconv_clamp, to_integer, with_qconv_clamp
 from qconvert.export.onnx_export import build_onnx
+from qconvert.graph import annotate_custom_op_shapes
 from qconvert.native import library_path, register
 from qconvert.ops import DOMAIN_VERSION
 from qconvert.ops.qdepthwise_conv_clamp import TO_NCHW, TO_NHWC
@@ -334,12 +335,17 @@ def _random_mobilenet(path: Path) -> Path:
 
 
 def _optimized_ops(model: onnx.ModelProto, tmp_path: Path) -> list[str]:
-    """Node types of the graph a plain ONNX Runtime session runs (ORT_ENABLE_ALL)."""
+    """Node types of the graph a plain ONNX Runtime session runs (ORT_ENABLE_ALL) on the
+    file as the export writes it (custom ops' output shapes recorded)."""
+    written = onnx.ModelProto()
+    written.CopyFrom(model)
+    annotate_custom_op_shapes(written)
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     options.log_severity_level = 3
     register(options)
-    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(written.SerializeToString(), options,
+                         providers=["CPUExecutionProvider"])
     return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
 
 

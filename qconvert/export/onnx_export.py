@@ -20,7 +20,7 @@ import torch
 from .. import __version__, manifest
 from ..checkpoint import Checkpoint
 from ..errors import QConvertError
-from ..graph import layer_scope_outputs, scope_nodes
+from ..graph import annotate_custom_op_shapes, layer_scope_outputs, scope_nodes
 from ..manifest import INPUT_NAME, OUTPUT_NAME, LayerRecord, Manifest, WeightRecord
 from ..ops import DOMAIN, DOMAIN_VERSION, MAX_OPSET, MIN_OPSET, OPS, functions, translation_table
 from ..quant import quantized_layers
@@ -230,22 +230,6 @@ def _drop_default_attributes(node: onnx.NodeProto, opset: int) -> None:
                     and defaults[a.name].default_value == a)]
     del node.attribute[:]
     node.attribute.extend(keep)
-
-
-def annotate_custom_op_shapes(model: onnx.ModelProto) -> None:
-    """Record the shape of every qconvert op's output in ``value_info``.
-
-    A runtime cannot infer shapes through a custom op, so without these every value after
-    a quantizer has no shape, and ONNX Runtime's NCHWc layout pass, unable to prove that a
-    residual addition's two inputs match, keeps the addition and its ReLU out of the
-    convolution (reshapes, a separate Add and Relu per block). ONNX shape inference knows
-    them from the ops' schemas (qconvert.ops: shaped_like_x, shaped_by_attribute)."""
-    del model.graph.value_info[:]
-    inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
-    outputs = {o.name for o in model.graph.output}
-    model.graph.value_info.extend(
-        inferred[name] for node in model.graph.node if node.domain == DOMAIN
-        for name in node.output if name in inferred and name not in outputs)
 
 
 def _manifest(ckpt: Checkpoint, records: list[LayerRecord]) -> Manifest:

@@ -297,6 +297,9 @@ def qdepthwise_conv_clamp_cases() -> list[VectorCase]:
         # 2 * x + 10 against [12, 20]: below, on and above each edge.
         _dw_case("clamp_edges", codes, 2 * ones, [0, 0], [1.0, 1.0], lo=12, hi=20,
                  zero_point=10),
+        # QConvClamp's float32-only ties, one per channel: both round to even, 50 and 100.
+        _dw_case("float32_ties", [[[[3, 3]]]], [[[[1]]], [[[0]]]], [0, (1 << 25) + 1],
+                 np.array([1099344555, 0], np.uint32).view(np.float32) + [0, 100.5 * 2**-25]),
         # acc + B beyond 2^24: float32(acc + B) rounds before the multiply.
         _dw_case("acc_beyond_2p24", rng.integers(240, 256, (1, 5, 5, 3)),
                  np.full((3, 1, 3, 3), 127), [1, 0, (1 << 29) - 3],

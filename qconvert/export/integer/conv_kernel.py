@@ -29,6 +29,7 @@ from onnx import helper, numpy_helper
 
 from ... import manifest
 from ...errors import QConvertError
+from ...graph import annotate_custom_op_shapes
 from ...ops import DOMAIN, DOMAIN_VERSION, INTEGER_OPS, functions
 from ...ops.qconv_clamp import MAX_KERNEL, MAX_STRIDE
 from ...ops.qdepthwise_conv_clamp import TO_NCHW, TO_NHWC
@@ -273,6 +274,7 @@ def with_qconv_clamp(model: onnx.ModelProto, with_functions: bool = True) -> onn
     _use_op_set(out, with_functions, {n.op_type for n in out.graph.node if n.domain == DOMAIN})
     man.conv_kernel = "qconvert"
     manifest.write(out, man)
+    annotate_custom_op_shapes(out)  # ORT turns a QLinearConv NHWC only on a known shape
     return out
 
 
