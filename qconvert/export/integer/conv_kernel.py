@@ -34,6 +34,7 @@ from ...ops import DOMAIN, DOMAIN_VERSION, INTEGER_OPS, functions
 from ...ops.qconv_clamp import MAX_KERNEL, MAX_STRIDE
 from ...ops.qdepthwise_conv_clamp import TO_NCHW, TO_NHWC
 from .edit import GraphEdit, node_attrs, prune
+from .layout import channels_first_islands
 
 
 @dataclass
@@ -269,7 +270,8 @@ def with_qconv_clamp(model: onnx.ModelProto, with_functions: bool = True) -> onn
             raise _per_sample_step(layer)
         chains.append(conv_chain(g, layer, conv))
     _replace(out, chains)
-    if not any(chain.depthwise for chain in chains):
+    if not any(chain.depthwise for chain in chains):  # every convolution NCHW
+        channels_first_islands(out)
         _pool_codes_as_float(out)
     _use_op_set(out, with_functions, {n.op_type for n in out.graph.node if n.domain == DOMAIN})
     man.conv_kernel = "qconvert"

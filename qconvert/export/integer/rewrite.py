@@ -14,6 +14,7 @@ from ...manifest import LayerRecord
 from .activations import WIDE_ACT_STEPS, ActInfo, IntAct, int_act
 from .conv_kernel import kernel_form
 from .edit import GraphEdit, node_attrs, prune, stock_session
+from .layout import channels_last_islands
 from .requant import (
     CALIB_BATCH,
     Requant,
@@ -259,6 +260,7 @@ def _to_integer(model: onnx.ModelProto, outer_bits: int, wide_act_step: str,
     skip_requantize_pairs(out)
     skip_redundant_clips(out)
     prune(out)
+    channels_last_islands(out)
     manifest.write(out, _integer_manifest(man, outer, layers, _residual_summary(out)))
     try:
         onnx.checker.check_model(out, full_check=True)
