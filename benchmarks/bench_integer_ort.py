@@ -4,7 +4,7 @@ against FP32 ONNX of the same float architecture and ONNX Runtime's own quantize
 models of it (U8S8 per-channel, the fast x86 configuration, and the old S8S8 per-tensor).
 
     python benchmarks/bench_integer_ort.py [TARGET ...] [--bits 8] [--batch 1 32]
-        [--rounds 15] [--threads 1] [--markdown] [--ceiling-cost]
+        [--rounds 15] [--threads 1] [--markdown] [--ceiling-cost] [--island-cost]
 
 TARGET: a checkpoint path, or resnet18 / mobilenetv2 / resnet20 for a 224x224 (resnet20:
 32x32) model with random LSQ W4A4 QAT parameters (``--scheme`` picks another). Default:
@@ -15,7 +15,9 @@ the script prints the load average before and after; ``--clock cpu`` times this 
 time instead of wall time (one thread: ONNX Runtime computes in the calling thread), which
 leaves out the time other processes hold the core. ``--ceiling-cost`` adds the integer file
 with its uint8 ceiling Clips removed: not the QAT model any more (codes above 2^b - 1 pass),
-only a measurement of what the ceilings cost.
+only a measurement of what the ceilings cost. ``--island-cost`` adds the integer file with
+its float islands channels-first (no transposes around LCQ's CompandQuant): the same
+outputs, a measurement of what the transposes ORT then keeps cost.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from qconvert.calib import load_calibration  # noqa: E402
 from qconvert.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from qconvert.errors import QConvertError  # noqa: E402
 from qconvert.export.integer import integer_summary, to_integer, with_qconv_clamp  # noqa: E402
+from qconvert.export.integer.layout import channels_first_islands  # noqa: E402
 from qconvert.export.onnx_export import build_onnx, write_exported  # noqa: E402
 from qconvert.ops import DOMAIN  # noqa: E402
 from qconvert.preprocess import prepare_inputs  # noqa: E402
@@ -186,6 +189,12 @@ def bench_target(target: str, args, tmp: Path) -> list[dict]:
     if args.ceiling_cost:
         files["integer_no_ceiling"] = tmp / "integer_no_ceiling.onnx"
         onnx.save(without_ceilings(integer), str(files["integer_no_ceiling"]))
+    if args.island_cost and any(n.op_type == "Transpose" for n in integer.graph.node):
+        islands_nchw = onnx.ModelProto()
+        islands_nchw.CopyFrom(integer)
+        channels_first_islands(islands_nchw)
+        files["integer_islands_nchw"] = tmp / "integer_islands_nchw.onnx"
+        save_as_exported(islands_nchw, files["integer_islands_nchw"])
     sessions = {k: plain_session(p, args.threads) for k, p in files.items()}
     rows = []
     for batch in args.batch:
@@ -288,6 +297,9 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--ceiling-cost", action="store_true",
                         help="also time the integer file without its ceiling Clips")
+    parser.add_argument("--island-cost", action="store_true",
+                        help="also time the integer file with its float islands "
+                             "channels-first")
     parser.add_argument("--agreement", action="store_true",
                         help="agreement of the shipped checkpoints instead of latency")
     parser.add_argument("--residual", default="auto", choices=["auto", "float", "quantized"])

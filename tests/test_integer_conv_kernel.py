@@ -28,6 +28,7 @@ from qconvert.errors import QConvertError
 from qconvert.export.integer import check_qconv_clamp, to_integer, with_qconv_clamp
 from qconvert.export.onnx_export import build_onnx
 from qconvert.graph import annotate_custom_op_shapes
+from qconvert.inspect_model import inspect_model
 from qconvert.native import library_path, register
 from qconvert.ops import DOMAIN_VERSION
 from qconvert.ops.qdepthwise_conv_clamp import TO_NCHW, TO_NHWC
@@ -397,16 +398,20 @@ def test_depthwise_convolutions_become_channels_last_nodes(name, tmp_path):
 
 def test_cli_exports_mobilenet_with_depthwise_nodes(tmp_path):
     """The shipped MobileNetV2: exported with the option, the summary and inspect say which
-    convolutions are qconvert nodes."""
+    convolutions are qconvert nodes, and inspect counts the standard file's integer MACs."""
     if not MOBILENET.is_file():
         pytest.skip("no shipped MobileNetV2 checkpoint")
-    out = tmp_path / "m.onnx"
     runner = CliRunner()
-    result = runner.invoke(main, ["export", str(MOBILENET), "-o", str(out), "--mode", "integer",
-                                  "--calib", str(CALIB), "--conv-kernel", "qconvert"])
-    assert result.exit_code == 0, result.output
+    for kernel in ("standard", "qconvert"):
+        result = runner.invoke(main, ["export", str(MOBILENET), "-o", str(tmp_path / kernel),
+                                      "--mode", "integer", "--calib", str(CALIB),
+                                      "--conv-kernel", kernel])
+        assert result.exit_code == 0, result.output
     assert "7 depthwise convolutions as qconvert QDepthwiseConvClamp (they need the qconvert " \
            "library" in result.output and "the others QDQ" in result.output
-    inspected = runner.invoke(main, ["inspect", str(out)])
+    inspected = runner.invoke(main, ["inspect", str(tmp_path / "qconvert")])
     assert inspected.exit_code == 0, inspected.output
     assert "convolutions: qconvert QDepthwiseConvClamp nodes" in inspected.output
+    macs = [inspect_model(tmp_path / kernel, macs=True).integer_macs
+            for kernel in ("standard", "qconvert")]
+    assert macs[0] == macs[1] > 0

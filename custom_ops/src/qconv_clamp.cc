@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "attributes.h"
+#include "conv_clamp.h"
 #include "cpu.h"
 #include "inputs.h"
 #include "op_shell.h"
@@ -48,12 +49,9 @@
 namespace qconvert {
 namespace {
 
-constexpr int64_t kMaxKernel = 11;   // kernel height / width
-constexpr int64_t kMaxStride = 4;
-// Reduction length bound: |acc| <= K * 255 * 128 < 2^30 and |bias| < 2^30 keep
-// acc + bias inside int32.
+// Reduction length bound: |acc| <= K * 255 * 128 < 2^30 and |bias| < 2^30
+// (kMaxConvBias) keep acc + bias inside int32.
 constexpr int64_t kMaxReduction = int64_t{1} << 15;
-constexpr int64_t kMaxBias = int64_t{1} << 30;
 // Scratch bound: 64 MiB of input words (and at most 2^24 output positions' offsets).
 constexpr int64_t kMaxBufferWords = int64_t{1} << 24;
 // Parallel tasks: at least this many multiply-adds each, or waking a thread costs more
@@ -81,9 +79,10 @@ class QConvClampKernel : public KernelBase {
   static constexpr ONNXTensorElementDataType kOutputType = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
 
   QConvClampKernel(const OrtKernelInfo* info, NodeRef ref) : KernelBase(std::move(ref)) {
-    ReadAttributes(info);
+    attrs_ = ConvClampAttributes::Read(info, this->ref());
     ReadWeights(info);
-    ReadBiasAndScale(info);
+    q_ = ConvRequantization::Read(info, this->ref(), "M", size_t((m_ + kLanes - 1) / kLanes * kLanes),
+                                  weight_sums_, attrs_.x_zero_point);
   }
 
   void Compute(const Ort::KernelContext& ctx) const {
@@ -109,27 +108,6 @@ class QConvClampKernel : public KernelBase {
   }
 
  private:
-  void ReadAttributes(const OrtKernelInfo* info) {
-    const std::vector<int64_t> strides = IntsAttr(info, ref(), "strides");
-    const std::vector<int64_t> pads = IntsAttr(info, ref(), "pads");
-    if (strides.size() != 2) ref().Fail("attribute strides needs 2 entries [sh, sw]");
-    if (pads.size() != 4) ref().Fail("attribute pads needs 4 entries [top, left, bottom, right]");
-    CheckAttrRange(ref(), "strides[0]", strides[0], 1, kMaxStride);
-    CheckAttrRange(ref(), "strides[1]", strides[1], 1, kMaxStride);
-    sh_ = strides[0];
-    sw_ = strides[1];
-    for (size_t i = 0; i < 4; ++i) CheckAttrRange(ref(), "pads", pads[i], 0, kMaxKernel - 1);
-    std::copy(pads.begin(), pads.end(), pads_.begin());
-    lo_ = IntAttr(info, ref(), "lo");
-    hi_ = IntAttr(info, ref(), "hi");
-    CheckAttrRange(ref(), "lo", lo_, 0, 255);
-    CheckAttrRange(ref(), "hi", hi_, lo_, 255);
-    zero_point_ = OptionalIntAttr(info, "zero_point", 0);
-    CheckAttrRange(ref(), "zero_point", zero_point_, 0, 255);
-    x_zero_point_ = OptionalIntAttr(info, "x_zero_point", 0);
-    CheckAttrRange(ref(), "x_zero_point", x_zero_point_, 0, 255);
-  }
-
   void ReadWeights(const OrtKernelInfo* info) {
     auto w = ConstantInput(info, ref(), 1, "W", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8);
     if (!w) ref().Fail("input W must be a constant initializer (it is packed at session creation)");
@@ -141,17 +119,14 @@ class QConvClampKernel : public KernelBase {
     kh_ = w->shape[2];
     kw_ = w->shape[3];
     if (m_ < 1 || c_ < 1) ref().Fail("W has an empty dimension: " + ShapeString(w->shape));
-    CheckAttrRange(ref(), "W kernel height", kh_, 1, kMaxKernel);
-    CheckAttrRange(ref(), "W kernel width", kw_, 1, kMaxKernel);
-    if (pads_[0] >= kh_ || pads_[2] >= kh_ || pads_[1] >= kw_ || pads_[3] >= kw_) {
-      ref().Fail("pads must be smaller than the kernel " + ShapeString({kh_, kw_}));
-    }
+    attrs_.CheckKernel(ref(), kh_, kw_);
     if (c_ * kh_ * kw_ > kMaxReduction) {
       ref().Fail("C * kH * kW = " + std::to_string(c_ * kh_ * kw_) + " exceeds " +
                  std::to_string(kMaxReduction));
     }
     if (m_ > kMaxReduction) ref().Fail("W has more than 32768 output channels");
     weights_.assign(w->u8(), w->u8() + w->count);
+    weight_sums_.assign(size_t(m_), 0);
     // Packed: [ceil(M/4)][ceil(C/4) * kH * kW taps][4 channels][4 input channels].
     const int64_t cq = (c_ + 3) / 4, blocks = (m_ + kBlock - 1) / kBlock;
     taps_ = cq * kh_ * kw_;
@@ -170,42 +145,10 @@ class QConvClampKernel : public KernelBase {
             packed_[word] |= bits;
             packed_wide_[size_t(((m / kLanes) * taps_ + tap) * kLanes + m % kLanes)] |= bits;
             max_weight_ = std::max<int64_t>(max_weight_, v < 0 ? -int64_t(v) : int64_t(v));
+            weight_sums_[size_t(m)] += v;
           }
         }
       }
-    }
-  }
-
-  void ReadBiasAndScale(const OrtKernelInfo* info) {
-    auto b = ConstantInput(info, ref(), 2, "B", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32);
-    auto s = ConstantInput(info, ref(), 3, "scale", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
-    if (!b || !s) ref().Fail("inputs B and scale must be constant initializers");
-    if (b->count != size_t(m_) || s->count != size_t(m_)) {
-      ref().Fail("B and scale need M = " + std::to_string(m_) + " elements, got " +
-                 std::to_string(b->count) + " and " + std::to_string(s->count));
-    }
-    const size_t padded = size_t((m_ + kLanes - 1) / kLanes * kLanes);  // a multiple of both blocks
-    bias_.assign(padded, 0);
-    folded_bias_.assign(padded, 0);
-    scale_.assign(padded, 0.0f);
-    const auto* bv = static_cast<const int32_t*>(b->data);
-    for (int64_t m = 0; m < m_; ++m) {
-      if (bv[m] <= -kMaxBias || bv[m] >= kMaxBias) {
-        ref().Fail("B[" + std::to_string(m) + "] = " + std::to_string(bv[m]) +
-                   " is outside (-2^30, 2^30)");
-      }
-      if (!std::isfinite(s->f32()[m])) {
-        ref().Fail("scale[" + std::to_string(m) + "] is not finite");
-      }
-      bias_[size_t(m)] = bv[m];
-      // The AVX2 loop pads with x_zero_point and sums x * w: its bias carries
-      // -x_zero_point * sum(w). |that| < 2^30 (kMaxReduction), so it fits int32, and
-      // int32 wrap-around leaves the final sum, which fits, exact.
-      int64_t weight_sum = 0;
-      const auto* wv = reinterpret_cast<const int8_t*>(weights_.data());
-      for (int64_t k = 0; k < c_ * kh_ * kw_; ++k) weight_sum += wv[m * c_ * kh_ * kw_ + k];
-      folded_bias_[size_t(m)] = int32_t(int64_t(bv[m]) - x_zero_point_ * weight_sum);
-      scale_[size_t(m)] = s->f32()[m];
     }
   }
 
@@ -219,7 +162,7 @@ class QConvClampKernel : public KernelBase {
     if (g.c != c_) {
       ref().Fail("X has " + std::to_string(g.c) + " channels, W expects C = " + std::to_string(c_));
     }
-    const int64_t padded_h = g.h + pads_[0] + pads_[2], padded_w = g.w + pads_[1] + pads_[3];
+    const int64_t padded_h = g.h + attrs_.pads[0] + attrs_.pads[2], padded_w = g.w + attrs_.pads[1] + attrs_.pads[3];
     if (g.h < 1 || g.w < 1 || padded_h < kh_ || padded_w < kw_) {
       ref().Fail("X " + ShapeString(shape) + " is smaller than the kernel " +
                  ShapeString({kh_, kw_}) + " after padding");
@@ -227,12 +170,12 @@ class QConvClampKernel : public KernelBase {
     if (g.h > (int64_t{1} << 20) || g.w > (int64_t{1} << 20)) {
       ref().Fail("X " + ShapeString(shape) + " is larger than 2^20 in H or W");
     }
-    g.oh = (padded_h - kh_) / sh_ + 1;
-    g.ow = (padded_w - kw_) / sw_ + 1;
+    g.oh = (padded_h - kh_) / attrs_.sh + 1;
+    g.ow = (padded_w - kw_) / attrs_.sw + 1;
     g.cq = (g.c + 3) / 4;
     g.rows = padded_h;
-    g.jp = (padded_w + sw_ - 1) / sw_;
-    g.plane = g.rows * sw_ * g.jp;
+    g.jp = (padded_w + attrs_.sw - 1) / attrs_.sw;
+    g.plane = g.rows * attrs_.sw * g.jp;
     if (g.cq * g.plane > kMaxBufferWords) {
       ref().Fail("X " + ShapeString(shape) + " needs a scratch buffer above 64 MiB");
     }
@@ -246,7 +189,7 @@ class QConvClampKernel : public KernelBase {
       for (int64_t kh = 0; kh < kh_; ++kh) {
         for (int64_t kw = 0; kw < kw_; ++kw) {
           offsets[size_t((q * kh_ + kh) * kw_ + kw)] =
-              q * g.plane + (kh * sw_ + kw % sw_) * g.jp + kw / sw_;
+              q * g.plane + (kh * attrs_.sw + kw % attrs_.sw) * g.jp + kw / attrs_.sw;
         }
       }
     }
@@ -262,7 +205,7 @@ class QConvClampKernel : public KernelBase {
     dst.clear();
     for (int64_t oh = 0; oh < g.oh; ++oh) {
       for (int64_t ow = 0; ow < g.ow; ow += step) {
-        bases.push_back(oh * sh_ * sw_ * g.jp + ow);
+        bases.push_back(oh * attrs_.sh * attrs_.sw * g.jp + ow);
         dst.push_back(oh * g.ow + ow);
       }
     }
@@ -274,15 +217,6 @@ class QConvClampKernel : public KernelBase {
     return pair == 0 ? taps_ : std::min(taps_, 32767 / pair);
   }
 
-  uint8_t Requantize(int64_t acc, int64_t m) const {
-    float v = float(int32_t(acc) + bias_[size_t(m)]) * scale_[size_t(m)];
-    const float lo = float(lo_ - zero_point_), hi = float(hi_ - zero_point_);
-    v = v < lo ? lo : v;
-    v = v > hi ? hi : v;
-    // Half to even in the default rounding mode; the sum is in [lo_, hi_].
-    return uint8_t(int64_t(std::nearbyint(v)) + zero_point_);
-  }
-
   // The exact int32 loop: the portable build, and the AVX2 build's fallback.
   void RunExact(const Geometry& g, const uint8_t* x, uint8_t* y) const {
     const auto* w = reinterpret_cast<const int8_t*>(weights_.data());
@@ -292,17 +226,17 @@ class QConvClampKernel : public KernelBase {
           int64_t acc = 0;
           for (int64_t c = 0; c < c_; ++c) {
             for (int64_t kh = 0; kh < kh_; ++kh) {
-              const int64_t ih = oh * sh_ + kh - pads_[0];
+              const int64_t ih = oh * attrs_.sh + kh - attrs_.pads[0];
               if (ih < 0 || ih >= g.h) continue;
               for (int64_t kw = 0; kw < kw_; ++kw) {
-                const int64_t iw = ow * sw_ + kw - pads_[1];
+                const int64_t iw = ow * attrs_.sw + kw - attrs_.pads[1];
                 if (iw < 0 || iw >= g.w) continue;  // padding: x = x_zero_point
-                acc += (int64_t(x[(c * g.h + ih) * g.w + iw]) - x_zero_point_) *
+                acc += (int64_t(x[(c * g.h + ih) * g.w + iw]) - attrs_.x_zero_point) *
                        int64_t(w[((m * c_ + c) * kh_ + kh) * kw_ + kw]);
               }
             }
           }
-          y[(m * g.oh + oh) * g.ow + ow] = Requantize(acc, m);
+          y[(m * g.oh + oh) * g.ow + ow] = attrs_.Requantize(acc, q_.bias[size_t(m)], q_.scale[size_t(m)]);
         }
       }
     }
@@ -311,16 +245,14 @@ class QConvClampKernel : public KernelBase {
   bool RunAvx2(const Geometry& g, const uint8_t* x, uint8_t* y,
                const Ort::KernelContext* pool, int64_t tasks) const;
 
-  int64_t sh_ = 1, sw_ = 1;
-  std::array<int64_t, 4> pads_{};
-  int64_t lo_ = 0, hi_ = 255, zero_point_ = 0, x_zero_point_ = 0;
+  ConvClampAttributes attrs_;
   int64_t m_ = 0, c_ = 0, kh_ = 0, kw_ = 0, taps_ = 0, max_weight_ = 0;
   std::vector<uint8_t> weights_;   // W as given, for the exact loop
   std::vector<uint32_t> packed_;       // W for position lanes: [M/4][taps][4 channels]
   std::vector<uint32_t> packed_wide_;  // W for channel lanes: [M/8][taps][8 channels]
-  std::vector<int32_t> bias_;         // B, padded to a multiple of 8 channels
-  std::vector<int32_t> folded_bias_;  // B - x_zero_point * sum(W[m]), for the AVX2 loop
-  std::vector<float> scale_;
+  std::vector<int64_t> weight_sums_;  // sum(W[m])
+  ConvRequantization q_;  // B and scale padded to a multiple of 8 channels; the AVX2 loop's
+                          // bias is the folded one (it pads with x_zero_point)
 };
 
 #if QC_HAVE_AVX2
@@ -341,7 +273,7 @@ QC_TARGET_AVX2 int64_t FillWords(const Geometry& g, int64_t pt, int64_t pl, int6
   // them: a kernel smaller than the stride skips rows and column phases.
   // Per column phase: the first input column it takes and where that column lands.
   const int64_t phases = std::min(sw, kw);
-  int64_t first[kMaxStride], offset[kMaxStride];
+  int64_t first[kMaxConvStride], offset[kMaxConvStride];
   for (int64_t ph = 0; ph < phases; ++ph) {
     first[ph] = ((ph - pl) % sw + sw) % sw;
     offset[ph] = ph * g.jp + (first[ph] + pl) / sw;
@@ -418,9 +350,9 @@ QC_TARGET_AVX2 bool QConvClampKernel::RunAvx2(const Geometry& g, const uint8_t* 
   const int64_t end = bases.back() + max_tap + (position_lanes ? kLanes : 1);
   thread_local std::vector<uint32_t> buf;
   // Padding holds x_zero_point (the channels past C read it too, against zero weights).
-  buf.assign(size_t(std::max(g.cq * g.plane, end)), uint32_t(x_zero_point_) * 0x01010101u);
+  buf.assign(size_t(std::max(g.cq * g.plane, end)), uint32_t(attrs_.x_zero_point) * 0x01010101u);
   const int64_t run = Int16Run(std::max(
-      x_zero_point_, FillWords(g, pads_[0], pads_[1], sh_, sw_, kh_, kw_, x, buf.data())));
+      attrs_.x_zero_point, FillWords(g, attrs_.pads[0], attrs_.pads[1], attrs_.sh, attrs_.sw, kh_, kw_, x, buf.data())));
   if (run == 0) return false;
   TileArgs args;
   args.buf = buf.data();
@@ -430,13 +362,13 @@ QC_TARGET_AVX2 bool QConvClampKernel::RunAvx2(const Geometry& g, const uint8_t* 
   args.taps = taps.data();
   args.ntaps = taps_;
   args.run = run;
-  args.bias = folded_bias_.data();
-  args.scale = scale_.data();
+  args.bias = q_.folded_bias.data();
+  args.scale = q_.scale.data();
   args.m = m_;
   args.plane_out = g.oh * g.ow;
-  args.range.lo = float(lo_ - zero_point_);
-  args.range.hi = float(hi_ - zero_point_);
-  args.range.zero_point = int32_t(zero_point_);
+  args.range.lo = float(attrs_.lo - attrs_.zero_point);
+  args.range.hi = float(attrs_.hi - attrs_.zero_point);
+  args.range.zero_point = int32_t(attrs_.zero_point);
   args.y = y;
   args.w = position_lanes ? packed_.data() : packed_wide_.data();
   // Tasks of whole tiles (runs of positions): each writes its own positions of every

@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "attributes.h"
+#include "conv_clamp.h"
 #include "cpu.h"
 #include "inputs.h"
 #include "op_shell.h"
@@ -50,11 +51,9 @@
 namespace qconvert {
 namespace {
 
-constexpr int64_t kMaxKernel = 11;  // kernel height / width
-constexpr int64_t kMaxTaps = kMaxKernel * kMaxKernel;
-constexpr int64_t kMaxStride = 4;
-// |acc| <= 121 * 255 * 128 < 2^22 and |bias| < 2^30 keep acc + bias inside int32.
-constexpr int64_t kMaxBias = int64_t{1} << 30;
+constexpr int64_t kMaxTaps = kMaxConvKernel * kMaxConvKernel;
+// |acc| <= 121 * 255 * 128 < 2^22 and |bias| < 2^30 (kMaxConvBias) keep acc + bias
+// inside int32.
 constexpr int64_t kMaxSide = int64_t{1} << 20;  // H and W
 // Parallel tasks: runs of output rows holding at least this many multiply-adds each,
 // or waking a thread costs more than it saves.
@@ -81,7 +80,8 @@ class QDepthwiseConvClampKernel : public KernelBase {
       : KernelBase(std::move(ref)) {
     ReadAttributes(info);
     ReadWeights(info);
-    ReadBiasAndScale(info);
+    q_ = ConvRequantization::Read(info, this->ref(), "C", size_t(blocks_ * kBlock), weight_sums_,
+                                  attrs_.x_zero_point);
   }
 
   void Compute(const Ort::KernelContext& ctx) const {
@@ -102,27 +102,10 @@ class QDepthwiseConvClampKernel : public KernelBase {
 
  private:
   void ReadAttributes(const OrtKernelInfo* info) {
-    const std::vector<int64_t> strides = IntsAttr(info, ref(), "strides");
-    const std::vector<int64_t> pads = IntsAttr(info, ref(), "pads");
-    if (strides.size() != 2) ref().Fail("attribute strides needs 2 entries [sh, sw]");
-    if (pads.size() != 4) ref().Fail("attribute pads needs 4 entries [top, left, bottom, right]");
-    CheckAttrRange(ref(), "strides[0]", strides[0], 1, kMaxStride);
-    CheckAttrRange(ref(), "strides[1]", strides[1], 1, kMaxStride);
-    sh_ = strides[0];
-    sw_ = strides[1];
-    for (size_t i = 0; i < 4; ++i) CheckAttrRange(ref(), "pads", pads[i], 0, kMaxKernel - 1);
-    std::copy(pads.begin(), pads.end(), pads_.begin());
+    attrs_ = ConvClampAttributes::Read(info, ref());
     group_ = IntAttr(info, ref(), "group");
-    lo_ = IntAttr(info, ref(), "lo");
-    hi_ = IntAttr(info, ref(), "hi");
-    CheckAttrRange(ref(), "lo", lo_, 0, 255);
-    CheckAttrRange(ref(), "hi", hi_, lo_, 255);
-    zero_point_ = OptionalIntAttr(info, "zero_point", 0);
-    CheckAttrRange(ref(), "zero_point", zero_point_, 0, 255);
-    x_zero_point_ = OptionalIntAttr(info, "x_zero_point", 0);
-    CheckAttrRange(ref(), "x_zero_point", x_zero_point_, 0, 255);
     x_hi_ = OptionalIntAttr(info, "x_hi", 255);
-    CheckAttrRange(ref(), "x_hi", x_hi_, x_zero_point_, 255);
+    CheckAttrRange(ref(), "x_hi", x_hi_, attrs_.x_zero_point, 255);
   }
 
   void ReadWeights(const OrtKernelInfo* info) {
@@ -139,11 +122,7 @@ class QDepthwiseConvClampKernel : public KernelBase {
       ref().Fail("attribute group=" + std::to_string(group_) + " must equal C = " +
                  std::to_string(c_) + " (W's first dimension): one group per channel");
     }
-    CheckAttrRange(ref(), "W kernel height", kh_, 1, kMaxKernel);
-    CheckAttrRange(ref(), "W kernel width", kw_, 1, kMaxKernel);
-    if (pads_[0] >= kh_ || pads_[2] >= kh_ || pads_[1] >= kw_ || pads_[3] >= kw_) {
-      ref().Fail("pads must be smaller than the kernel " + ShapeString({kh_, kw_}));
-    }
+    attrs_.CheckKernel(ref(), kh_, kw_);
     const int64_t taps = kh_ * kw_;
     const auto* wv = reinterpret_cast<const int8_t*>(w->data);
     // [taps][C] for the exact loop; [C/16 blocks][taps][16] int16 for the AVX2 loops.
@@ -167,36 +146,7 @@ class QDepthwiseConvClampKernel : public KernelBase {
     // Codes lie in [0, x_hi] (padding reads x_zero_point <= x_hi), so every channel's
     // sum lies in [-x_hi * negative, x_hi * positive].
     int16_sums_ = x_hi_ * widest <= 32767;
-    pad_row_.assign(size_t(blocks_ * kBlock), uint8_t(x_zero_point_));
-  }
-
-  void ReadBiasAndScale(const OrtKernelInfo* info) {
-    auto b = ConstantInput(info, ref(), 2, "B", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32);
-    auto s = ConstantInput(info, ref(), 3, "scale", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
-    if (!b || !s) ref().Fail("inputs B and scale must be constant initializers");
-    if (b->count != size_t(c_) || s->count != size_t(c_)) {
-      ref().Fail("B and scale need C = " + std::to_string(c_) + " elements, got " +
-                 std::to_string(b->count) + " and " + std::to_string(s->count));
-    }
-    const size_t padded = size_t(blocks_ * kBlock);
-    bias_.assign(padded, 0);
-    folded_bias_.assign(padded, 0);
-    scale_.assign(padded, 0.0f);
-    const auto* bv = static_cast<const int32_t*>(b->data);
-    for (int64_t c = 0; c < c_; ++c) {
-      if (bv[c] <= -kMaxBias || bv[c] >= kMaxBias) {
-        ref().Fail("B[" + std::to_string(c) + "] = " + std::to_string(bv[c]) +
-                   " is outside (-2^30, 2^30)");
-      }
-      if (!std::isfinite(s->f32()[c])) {
-        ref().Fail("scale[" + std::to_string(c) + "] is not finite");
-      }
-      bias_[size_t(c)] = bv[c];
-      // The AVX2 loops sum min(x, x_hi) * w with padding x_zero_point: their bias
-      // carries -x_zero_point * sum(W[c]) (|that| <= 255 * 121 * 128, far inside int32).
-      folded_bias_[size_t(c)] = int32_t(bv[c] - x_zero_point_ * weight_sums_[size_t(c)]);
-      scale_[size_t(c)] = s->f32()[c];
-    }
+    pad_row_.assign(size_t(blocks_ * kBlock), uint8_t(attrs_.x_zero_point));
   }
 
   Geometry GeometryOf(const std::vector<int64_t>& shape) const {
@@ -209,7 +159,7 @@ class QDepthwiseConvClampKernel : public KernelBase {
       ref().Fail("X has " + std::to_string(shape[3]) + " channels (its last dimension), W " +
                  "expects C = " + std::to_string(c_));
     }
-    const int64_t padded_h = g.h + pads_[0] + pads_[2], padded_w = g.w + pads_[1] + pads_[3];
+    const int64_t padded_h = g.h + attrs_.pads[0] + attrs_.pads[2], padded_w = g.w + attrs_.pads[1] + attrs_.pads[3];
     if (g.h < 1 || g.w < 1 || padded_h < kh_ || padded_w < kw_) {
       ref().Fail("X " + ShapeString(shape) + " is smaller than the kernel " +
                  ShapeString({kh_, kw_}) + " after padding");
@@ -217,22 +167,13 @@ class QDepthwiseConvClampKernel : public KernelBase {
     if (g.h > kMaxSide || g.w > kMaxSide) {
       ref().Fail("X " + ShapeString(shape) + " is larger than 2^20 in H or W");
     }
-    g.oh = (padded_h - kh_) / sh_ + 1;
-    g.ow = (padded_w - kw_) / sw_ + 1;
+    g.oh = (padded_h - kh_) / attrs_.sh + 1;
+    g.ow = (padded_w - kw_) / attrs_.sw + 1;
     // Interior columns: ow * sw - pl >= 0 and ow * sw - pl + kw <= W.
-    g.col0 = std::min(g.ow, (pads_[1] + sw_ - 1) / sw_);
-    const int64_t last = g.w - kw_ + pads_[1];  // largest ow * sw inside
-    g.col1 = last < 0 ? g.col0 : std::max(g.col0, std::min(g.ow, last / sw_ + 1));
+    g.col0 = std::min(g.ow, (attrs_.pads[1] + attrs_.sw - 1) / attrs_.sw);
+    const int64_t last = g.w - kw_ + attrs_.pads[1];  // largest ow * sw inside
+    g.col1 = last < 0 ? g.col0 : std::max(g.col0, std::min(g.ow, last / attrs_.sw + 1));
     return g;
-  }
-
-  uint8_t Requantize(int64_t acc, int64_t c) const {
-    float v = float(int32_t(acc) + bias_[size_t(c)]) * scale_[size_t(c)];
-    const float lo = float(lo_ - zero_point_), hi = float(hi_ - zero_point_);
-    v = v < lo ? lo : v;
-    v = v > hi ? hi : v;
-    // Half to even in the default rounding mode; the sum is in [lo_, hi_].
-    return uint8_t(int64_t(std::nearbyint(v)) + zero_point_);
   }
 
   // The exact loop: the portable build, and the AVX2 build's fallback. Output rows
@@ -247,21 +188,21 @@ class QDepthwiseConvClampKernel : public KernelBase {
       for (int64_t ow = 0; ow < g.ow; ++ow) {
         std::fill(acc.begin(), acc.end(), 0);
         for (int64_t kh = 0; kh < kh_; ++kh) {
-          const int64_t ih = oh * sh_ + kh - pads_[0];
+          const int64_t ih = oh * attrs_.sh + kh - attrs_.pads[0];
           if (ih < 0 || ih >= g.h) continue;
           for (int64_t kw = 0; kw < kw_; ++kw) {
-            const int64_t iw = ow * sw_ + kw - pads_[1];
+            const int64_t iw = ow * attrs_.sw + kw - attrs_.pads[1];
             if (iw < 0 || iw >= g.w) continue;  // padding: x - x_zero_point = 0
             const uint8_t* px = x + ((n * g.h + ih) * g.w + iw) * c_;
             const int8_t* wt = weights_.data() + (kh * kw_ + kw) * c_;
             for (int64_t c = 0; c < c_; ++c) {
-              acc[size_t(c)] += (int32_t(std::min(px[c], ceiling)) - int32_t(x_zero_point_)) *
+              acc[size_t(c)] += (int32_t(std::min(px[c], ceiling)) - int32_t(attrs_.x_zero_point)) *
                                 int32_t(wt[c]);
             }
           }
         }
         uint8_t* out = y + (row * g.ow + ow) * c_;
-        for (int64_t c = 0; c < c_; ++c) out[c] = Requantize(acc[size_t(c)], c);
+        for (int64_t c = 0; c < c_; ++c) out[c] = attrs_.Requantize(acc[size_t(c)], q_.bias[size_t(c)], q_.scale[size_t(c)]);
       }
     }
   }
@@ -272,17 +213,15 @@ class QDepthwiseConvClampKernel : public KernelBase {
   void RowsAvx2(const Geometry& g, const uint8_t* x, uint8_t* y, int64_t first,
                 int64_t last) const;
 
-  int64_t sh_ = 1, sw_ = 1;
-  std::array<int64_t, 4> pads_{};
-  int64_t group_ = 0, lo_ = 0, hi_ = 255, zero_point_ = 0, x_zero_point_ = 0, x_hi_ = 255;
+  ConvClampAttributes attrs_;
+  int64_t group_ = 0, x_hi_ = 255;
   int64_t c_ = 0, kh_ = 0, kw_ = 0, blocks_ = 0;
   bool int16_sums_ = true;            // the AVX2 sums may stay in int16 (see the header)
   std::vector<int8_t> weights_;       // W as [taps][C], for the exact loop
   std::vector<int64_t> weight_sums_;  // sum(W[c])
   std::vector<int16_t> packed_;       // W as [C/16][taps][16], zero past C
-  std::vector<int32_t> bias_;         // B, padded to a multiple of 16 channels
-  std::vector<int32_t> folded_bias_;  // B - x_zero_point * sum(W[c]), for the AVX2 loops
-  std::vector<float> scale_;          // padded to a multiple of 16 channels
+  ConvRequantization q_;  // B and scale padded to a multiple of 16 channels; the AVX2
+                          // loops' bias is the folded one (they pad with x_zero_point)
   std::vector<uint8_t> pad_row_;      // x_zero_point bytes: what taps outside X read
 };
 
@@ -477,20 +416,20 @@ QC_TARGET_AVX2 void QDepthwiseConvClampKernel::RowsAvx2(const Geometry& g, const
   a.full = c_ / kBlock;
   a.tail = c_ % kBlock;
   a.w = reinterpret_cast<const __m256i*>(packed_.data());
-  a.bias = folded_bias_.data();
-  a.scale = scale_.data();
+  a.bias = q_.folded_bias.data();
+  a.scale = q_.scale.data();
   a.pad = pad_row_.data();
   a.x_end = uintptr_t(x + g.n * g.h * g.w * c_);
-  const OutParams o = {_mm256_set1_ps(float(lo_ - zero_point_)),
-                       _mm256_set1_ps(float(hi_ - zero_point_)),
-                       _mm256_set1_epi16(int16_t(zero_point_)),
+  const OutParams o = {_mm256_set1_ps(float(attrs_.lo - attrs_.zero_point)),
+                       _mm256_set1_ps(float(attrs_.hi - attrs_.zero_point)),
+                       _mm256_set1_epi16(int16_t(attrs_.zero_point)),
                        _mm_set1_epi8(char(uint8_t(x_hi_)))};
   int64_t offsets[kMaxTaps];  // bytes from a pixel's top-left tap to each tap
   for (int64_t kh = 0; kh < kh_; ++kh) {
     for (int64_t kw = 0; kw < kw_; ++kw) offsets[kh * kw_ + kw] = (kh * g.w + kw) * c_;
   }
   for (int64_t row = first; row < last; ++row) {
-    const int64_t ih0 = row % g.oh * sh_ - pads_[0];
+    const int64_t ih0 = row % g.oh * attrs_.sh - attrs_.pads[0];
     const uint8_t* image = x + row / g.oh * g.h * g.w * c_;
     uint8_t* out_row = y + row * g.ow * c_;
     const bool row_inside = ih0 >= 0 && ih0 + kh_ <= g.h;
@@ -501,7 +440,7 @@ QC_TARGET_AVX2 void QDepthwiseConvClampKernel::RowsAvx2(const Geometry& g, const
       for (int64_t kh = 0; kh < kh_; ++kh) {
         const int64_t ih = ih0 + kh;
         for (int64_t kw = 0; kw < kw_; ++kw) {
-          const int64_t iw = col * sw_ + kw - pads_[1];
+          const int64_t iw = col * attrs_.sw + kw - attrs_.pads[1];
           a.at[kh * kw_ + kw] = ih < 0 || ih >= g.h || iw < 0 || iw >= g.w
                                     ? a.pad
                                     : image + (ih * g.w + iw) * c_;
@@ -510,22 +449,22 @@ QC_TARGET_AVX2 void QDepthwiseConvClampKernel::RowsAvx2(const Geometry& g, const
       Pixel<kCeiling, kInt16>(a, o, 0, out_row + col * c_);
     }
     if (col1 == col0) continue;
-    const uint8_t* base = image + (ih0 * g.w + col0 * sw_ - pads_[1]) * c_;
+    const uint8_t* base = image + (ih0 * g.w + col0 * attrs_.sw - attrs_.pads[1]) * c_;
     const bool streamed = a.taps == 9;
     if (streamed) {
       for (int64_t blk = 0; blk < a.full; ++blk) {
         const BlockParams b = LoadBlock(a.bias + blk * kBlock, a.scale + blk * kBlock);
         // The pairs read the stride from their template: 1 and 2 are MobileNet's.
-        auto interior = sw_ == 1   ? Interior3x3Block<kCeiling, kInt16, 1>
-                        : sw_ == 2 ? Interior3x3Block<kCeiling, kInt16, 2>
+        auto interior = attrs_.sw == 1   ? Interior3x3Block<kCeiling, kInt16, 1>
+                        : attrs_.sw == 2 ? Interior3x3Block<kCeiling, kInt16, 2>
                                    : Interior3x3Block<kCeiling, kInt16, 0>;
-        interior(base + blk * kBlock, offsets, sw_ * c_, col1 - col0, c_, a.w + blk * a.taps, b,
+        interior(base + blk * kBlock, offsets, attrs_.sw * c_, col1 - col0, c_, a.w + blk * a.taps, b,
                  o, out_row + col0 * c_ + blk * kBlock);
       }
       if (a.tail == 0) continue;
     }
     for (int64_t col = col0; col < col1; ++col) {
-      const uint8_t* top_left = base + (col - col0) * sw_ * c_;
+      const uint8_t* top_left = base + (col - col0) * attrs_.sw * c_;
       for (int64_t t = 0; t < a.taps; ++t) a.at[t] = top_left + offsets[t];
       Pixel<kCeiling, kInt16>(a, o, streamed ? a.full : 0, out_row + col * c_);
     }
