@@ -24,9 +24,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qconvert.ops import DOMAIN_VERSION
-
-from .test_native_ops import NODE, session
+from .test_native_ops import NODE, model_bytes, session
 
 OP = "QConvClamp"
 
@@ -60,20 +58,10 @@ def reference(x, w, b, scale, *, strides, pads, lo, hi, zero_point=0, x_zero_poi
     return (np.rint(v).astype(np.int64) + zero_point).astype(np.uint8)
 
 
-def model(w, b, scale, attrs, *, x_shape=None, const_w=True) -> bytes:
-    inits = [numpy_helper.from_array(b, "B"), numpy_helper.from_array(scale, "scale")]
-    inputs = [helper.make_tensor_value_info("X", TensorProto.UINT8, x_shape)]
-    if const_w:
-        inits.append(numpy_helper.from_array(w, "W"))
-    else:
-        inputs.append(helper.make_tensor_value_info("W", TensorProto.INT8, list(w.shape)))
-    node = helper.make_node(OP, ["X", "W", "B", "scale"], ["Y"], domain="qconvert", name=NODE,
-                            **attrs)
-    graph = helper.make_graph([node], "g", inputs,
-                              [helper.make_tensor_value_info("Y", TensorProto.UINT8, None)], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20),
-                                                   helper.make_opsetid("qconvert", DOMAIN_VERSION)],
-                             ir_version=10).SerializeToString()
+def model(w, b, scale, attrs, *, const_w=True) -> bytes:
+    """The one-node model; W an initializer unless ``const_w`` is False (X only typed)."""
+    const = {"W", "B", "scale"} if const_w else {"B", "scale"}
+    return model_bytes(OP, [np.zeros(1, np.uint8), w, b, scale], attrs, const)
 
 
 def run(x, w, b, scale, attrs) -> np.ndarray:

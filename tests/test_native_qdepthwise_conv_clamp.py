@@ -24,10 +24,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from qconvert.ops import DOMAIN_VERSION
 from qconvert.ops.qdepthwise_conv_clamp import reference as spec_reference
 
-from .test_native_ops import NODE, session
+from .test_native_ops import NODE, model_bytes, session
 
 OP = "QDepthwiseConvClamp"
 
@@ -53,19 +52,9 @@ def reference(x, w, b, scale, *, strides, pads, lo, hi, zero_point=0, x_zero_poi
 
 
 def model(w, b, scale, attrs, *, const_w=True) -> bytes:
-    inits = [numpy_helper.from_array(b, "B"), numpy_helper.from_array(scale, "scale")]
-    inputs = [helper.make_tensor_value_info("X", TensorProto.UINT8, None)]
-    if const_w:
-        inits.append(numpy_helper.from_array(w, "W"))
-    else:
-        inputs.append(helper.make_tensor_value_info("W", TensorProto.INT8, list(w.shape)))
-    node = helper.make_node(OP, ["X", "W", "B", "scale"], ["Y"], domain="qconvert", name=NODE,
-                            **attrs)
-    graph = helper.make_graph([node], "g", inputs,
-                              [helper.make_tensor_value_info("Y", TensorProto.UINT8, None)], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20),
-                                                   helper.make_opsetid("qconvert", DOMAIN_VERSION)],
-                             ir_version=10).SerializeToString()
+    """The one-node model; W an initializer unless ``const_w`` is False (X only typed)."""
+    const = {"W", "B", "scale"} if const_w else {"B", "scale"}
+    return model_bytes(OP, [np.zeros(1, np.uint8), w, b, scale], attrs, const)
 
 
 def run(x, w, b, scale, attrs, threads=1) -> np.ndarray:

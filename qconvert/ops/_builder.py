@@ -116,8 +116,13 @@ class FunctionBuilder:
         )
 
 
+def typed_param(name: str, type_str: str,
+                description: str) -> onnx.defs.OpSchema.FormalParameter:
+    return onnx.defs.OpSchema.FormalParameter(name, type_str, description)
+
+
 def float_param(name: str, description: str) -> onnx.defs.OpSchema.FormalParameter:
-    return onnx.defs.OpSchema.FormalParameter(name, "tensor(float)", description)
+    return typed_param(name, "tensor(float)", description)
 
 
 def int_attr(name: str, description: str, kind: str = "int",

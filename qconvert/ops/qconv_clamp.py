@@ -9,7 +9,7 @@ import onnx
 import torch
 from onnx import AttributeProto, TensorProto, helper
 
-from ._builder import DOMAIN, QCONVERT, FunctionBuilder, int_attr
+from ._builder import DOMAIN, QCONVERT, FunctionBuilder, int_attr, typed_param
 
 NAME = "QConvClamp"
 SINCE_VERSION = 4  # added in version 4 of the op set
@@ -21,10 +21,6 @@ DEFAULTS = {"zero_point": 0, "x_zero_point": 0}
 # enforces so a file means the same everywhere.
 MAX_KERNEL, MAX_STRIDE = 11, 4
 MAX_REDUCTION, MAX_BIAS = 1 << 15, 1 << 30
-
-
-def _param(name: str, type_str: str, description: str) -> onnx.defs.OpSchema.FormalParameter:
-    return onnx.defs.OpSchema.FormalParameter(name, type_str, description)
 
 
 def _infer_shape(ctx) -> None:
@@ -51,12 +47,12 @@ def schema() -> onnx.defs.OpSchema:
         NAME, DOMAIN, SINCE_VERSION,
         "Y = clamp(round_half_even(f32(conv(X - x_zero_point, W) + B) * scale[m]), "
         "lo - zero_point, hi - zero_point) + zero_point: QLinearConv (w_zero_point 0) + Clip.",
-        inputs=[_param("X", "tensor(uint8)", "activation codes, [N, C, H, W]"),
-                _param("W", "tensor(int8)", "weights, [M, C, kH, kW], an initializer"),
-                _param("B", "tensor(int32)", "bias in accumulator units, [M]"),
-                _param("scale", "tensor(float)",
+        inputs=[typed_param("X", "tensor(uint8)", "activation codes, [N, C, H, W]"),
+                typed_param("W", "tensor(int8)", "weights, [M, C, kH, kW], an initializer"),
+                typed_param("B", "tensor(int32)", "bias in accumulator units, [M]"),
+                typed_param("scale", "tensor(float)",
                        "float32(x_scale * w_scale[m]) / y_scale, [M]")],
-        outputs=[_param("Y", "tensor(uint8)", "output codes, [N, M, OH, OW]")],
+        outputs=[typed_param("Y", "tensor(uint8)", "output codes, [N, M, OH, OW]")],
         attributes=[int_attr("strides", "[sh, sw], 1..4", kind="ints"),
                     int_attr("pads", "[top, left, bottom, right], each below the kernel",
                              kind="ints"),

@@ -14,7 +14,7 @@ import torch
 from onnx import AttributeProto, TensorProto, helper
 
 from . import qconv_clamp
-from ._builder import DOMAIN, QCONVERT, FunctionBuilder, int_attr
+from ._builder import DOMAIN, QCONVERT, FunctionBuilder, int_attr, typed_param
 
 NAME = "QDepthwiseConvClamp"
 SINCE_VERSION = 5  # added in version 5 of the op set
@@ -23,10 +23,6 @@ INPUTS = ["X", "W", "B", "scale"]
 ATTRIBUTES = ["group", "strides", "pads", "lo", "hi", "zero_point", "x_zero_point", "x_hi"]
 DEFAULTS = {"zero_point": 0, "x_zero_point": 0, "x_hi": 255}
 TO_NCHW, TO_NHWC = [0, 3, 1, 2], [0, 2, 3, 1]
-
-
-def _param(name: str, type_str: str, description: str) -> onnx.defs.OpSchema.FormalParameter:
-    return onnx.defs.OpSchema.FormalParameter(name, type_str, description)
 
 
 def _infer_shape(ctx) -> None:
@@ -54,12 +50,12 @@ def schema() -> onnx.defs.OpSchema:
         "Y = clamp(round_half_even(f32(dwconv(min(X, x_hi) - x_zero_point, W) + B) * "
         "scale[c]), lo - zero_point, hi - zero_point) + zero_point, channels last: "
         "Clip, depthwise QLinearConv (w_zero_point 0) and Clip.",
-        inputs=[_param("X", "tensor(uint8)", "activation codes, [N, H, W, C]"),
-                _param("W", "tensor(int8)", "weights, [C, 1, kH, kW], an initializer"),
-                _param("B", "tensor(int32)", "bias in accumulator units, [C]"),
-                _param("scale", "tensor(float)",
+        inputs=[typed_param("X", "tensor(uint8)", "activation codes, [N, H, W, C]"),
+                typed_param("W", "tensor(int8)", "weights, [C, 1, kH, kW], an initializer"),
+                typed_param("B", "tensor(int32)", "bias in accumulator units, [C]"),
+                typed_param("scale", "tensor(float)",
                        "float32(x_scale * w_scale[c]) / y_scale, [C]")],
-        outputs=[_param("Y", "tensor(uint8)", "output codes, [N, OH, OW, C]")],
+        outputs=[typed_param("Y", "tensor(uint8)", "output codes, [N, OH, OW, C]")],
         attributes=[int_attr("group", "C: one group per channel"),
                     int_attr("strides", "[sh, sw], 1..4", kind="ints"),
                     int_attr("pads", "[top, left, bottom, right], each below the kernel",
