@@ -186,12 +186,14 @@ def test_early_check_admits_what_the_rewrite_rewrites(resnet20_exact):
     check_qconv_clamp(resnet20_exact)  # ResNet-20: every convolution rewritten (above)
 
 
-def test_early_check_refuses_a_convolution_left_in_float(resnet20_exact):
-    """A Conv that is no quantized layer's compute node stays float in integer mode."""
+@pytest.mark.parametrize("group", [1, 2])
+def test_early_check_refuses_a_convolution_left_in_float(resnet20_exact, group):
+    """A Conv that is no quantized layer's compute node stays float in integer mode (its
+    weight shape unknown to the check, grouped or not)."""
     model = onnx.ModelProto()
     model.CopyFrom(resnet20_exact)
     model.graph.node.append(helper.make_node("Conv", ["x_float", "w_float"], ["y_float"],
-                                             name="float_conv"))
+                                             name="float_conv", group=group))
     with pytest.raises(QConvertError, match="layer float_conv: not a quantized layer, so "
                                             "integer mode leaves it in float"):
         check_qconv_clamp(model)

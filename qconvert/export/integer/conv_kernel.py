@@ -39,7 +39,7 @@ from .layout import channels_first_islands
 
 @dataclass
 class ConvChain:
-    """One convolution and the nodes QConvClamp replaces, with its constants."""
+    """One convolution and the nodes its qconvert node replaces, with its constants."""
 
     nodes: list[onnx.NodeProto]  # [input Clip,] Conv [, Relu], QuantizeLinear [, Clip]
     inputs: list[str]  # codes, int8 weights, int32 bias
@@ -84,9 +84,10 @@ def _refuse(layer: str, why: str) -> QConvertError:
 
 
 def is_depthwise(attrs: dict, w_shape) -> bool:
-    """One input and one output channel per group, more than one group."""
+    """One input and one output channel per group, more than one group (a weight shape
+    not known, ``()``, is not)."""
     group = attrs.get("group", 1)
-    return group > 1 and w_shape[0] == group and w_shape[1] == 1
+    return group > 1 and len(w_shape) == 4 and w_shape[0] == group and w_shape[1] == 1
 
 
 def qconv_clamp_geometry(layer: str, attrs: dict, w_shape) -> dict:
