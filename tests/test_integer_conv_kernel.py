@@ -27,13 +27,14 @@ from qconvert.cli import main
 from qconvert.errors import QConvertError
 from qconvert.export.integer import check_qconv_clamp, to_integer, with_qconv_clamp
 from qconvert.export.onnx_export import build_onnx
-from qconvert.graph import annotate_custom_op_shapes
 from qconvert.inspect_model import inspect_model
 from qconvert.native import library_path, register
 from qconvert.ops import DOMAIN_VERSION
 from qconvert.ops.qdepthwise_conv_clamp import TO_NCHW, TO_NHWC
 from qconvert.preprocess import prepare_inputs
 from qconvert.quant import quantize_model
+
+from .test_integer_layout import plain_session
 
 ROOT = Path(__file__).resolve().parent.parent
 RESNET20 = ROOT / "models" / "checkpoints" / "resnet20-lsq-w4a4.pt"
@@ -272,19 +273,21 @@ def test_cli_refuses_the_option_outside_integer_mode(tmp_path):
     assert "--conv-kernel applies to integer mode: add --mode integer" in result.output
 
 
-def _narrow_resnet18(path: Path) -> Path:
-    """ResNet-18's layout (7x7/2 stem, its max pool read by two branches) at width 8 and
-    32x32, LSQ W4A4 with quantizers initialised on random data."""
+def _random_lsq(path: Path, arch: str, arch_kwargs: dict) -> Path:
+    """The architecture at 3x32x32, LSQ W4A4 with quantizers initialised on random data."""
     torch.manual_seed(0)
-    model = quantize_model(build_architecture("resnet18", {"num_classes": 10, "width": 8}),
-                           "lsq", 4, 4)
+    model = quantize_model(build_architecture(arch, arch_kwargs), "lsq", 4, 4)
     model.train()
     with torch.no_grad():
         model(torch.randn(8, 3, 32, 32))
     model.eval()
-    return qconvert.save_checkpoint(path, model, arch="resnet18",
-                                    arch_kwargs={"num_classes": 10, "width": 8},
+    return qconvert.save_checkpoint(path, model, arch=arch, arch_kwargs=arch_kwargs,
                                     input_shape=(3, 32, 32))
+
+
+def _narrow_resnet18(path: Path) -> Path:
+    """ResNet-18's layout (7x7/2 stem, its max pool read by two branches) at width 8."""
+    return _random_lsq(path, "resnet18", {"num_classes": 10, "width": 8})
 
 
 def _pooled_integer_model(name: str, tmp_path: Path) -> tuple[np.ndarray, onnx.ModelProto]:
@@ -324,32 +327,14 @@ MOBILENET = ROOT / "models" / "checkpoints" / "mobilenetv2_small-lcq-w4a4.pt"
 
 
 def _random_mobilenet(path: Path) -> Path:
-    """MobileNetV2-small at 32x32, LSQ W4A4 with quantizers initialised on random data:
-    4-bit codes, so every depthwise layer's input has a ceiling Clip to fold."""
-    torch.manual_seed(0)
-    model = quantize_model(build_architecture("mobilenetv2_small", {"in_channels": 3}),
-                           "lsq", 4, 4)
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(8, 3, 32, 32))
-    model.eval()
-    return qconvert.save_checkpoint(path, model, arch="mobilenetv2_small",
-                                    arch_kwargs={"in_channels": 3}, input_shape=(3, 32, 32))
+    """MobileNetV2-small: 4-bit codes, so every depthwise layer's input has a ceiling Clip
+    to fold."""
+    return _random_lsq(path, "mobilenetv2_small", {"in_channels": 3})
 
 
 def _optimized_ops(model: onnx.ModelProto, tmp_path: Path) -> list[str]:
-    """Node types of the graph a plain ONNX Runtime session runs (ORT_ENABLE_ALL) on the
-    file as the export writes it (custom ops' output shapes recorded)."""
-    written = onnx.ModelProto()
-    written.CopyFrom(model)
-    annotate_custom_op_shapes(written)
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    options.log_severity_level = 3
-    register(options)
-    ort.InferenceSession(written.SerializeToString(), options,
-                         providers=["CPUExecutionProvider"])
-    return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    """Node types of the graph a plain ONNX Runtime session runs on the written file."""
+    return plain_session(model, tmp_path)[1]
 
 
 @pytest.mark.parametrize("name", ["shipped lcq", "random lsq"])

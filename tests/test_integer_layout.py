@@ -43,8 +43,9 @@ def _integer(name: str) -> tuple[np.ndarray, onnx.ModelProto]:
     return x, to_integer(exact, 8, calib=x)
 
 
-def _session(model: onnx.ModelProto, tmp_path: Path, library: bool = True):
-    """A plain session on the file as written, and its optimized graph's node types."""
+def plain_session(model: onnx.ModelProto, tmp_path: Path, library: bool = True):
+    """A plain session on the file as the export writes it (custom ops' output shapes
+    recorded), and the node types of its optimized graph (ORT_ENABLE_ALL)."""
     written = onnx.ModelProto()
     written.CopyFrom(model)
     annotate_custom_op_shapes(written)
@@ -68,18 +69,18 @@ def test_lcq_islands_leave_no_transposes_beside_them(tmp_path):
     islands = sum(n.op_type == "CompandQuant" for n in lcq.graph.node)
     wrapped = [n for n in lcq.graph.node if n.op_type == "Transpose"]
     assert islands == 20 and len(wrapped) == 2 * islands
-    sess, ops = _session(lcq, tmp_path)
+    sess, ops = plain_session(lcq, tmp_path)
     assert ops.count("CompandQuant") == islands
-    assert ops.count("Transpose") == _session(lsq, tmp_path)[1].count("Transpose") == 2
+    assert ops.count("Transpose") == plain_session(lsq, tmp_path)[1].count("Transpose") == 2
     unwrapped = onnx.ModelProto()
     unwrapped.CopyFrom(lcq)
     channels_first_islands(unwrapped)
     assert not any(n.op_type == "Transpose" for n in unwrapped.graph.node)
-    plain, plain_ops = _session(unwrapped, tmp_path)
+    plain, plain_ops = plain_session(unwrapped, tmp_path)
     assert plain_ops.count("Transpose") == 2 + 2 * islands  # what the wrapping saves
     want = _run(plain, x)
     np.testing.assert_array_equal(_run(sess, x), want)
-    np.testing.assert_array_equal(_run(_session(lcq, tmp_path, library=False)[0], x), want)
+    np.testing.assert_array_equal(_run(plain_session(lcq, tmp_path, library=False)[0], x), want)
 
 
 def test_qconv_clamp_files_keep_islands_channels_first(tmp_path):
@@ -89,5 +90,5 @@ def test_qconv_clamp_files_keep_islands_channels_first(tmp_path):
     model = with_qconv_clamp(lcq)
     assert any(n.op_type == "Transpose" for n in lcq.graph.node)
     assert not any(n.op_type == "Transpose" for n in model.graph.node)
-    np.testing.assert_array_equal(_run(_session(model, tmp_path)[0], x),
-                                  _run(_session(lcq, tmp_path)[0], x))
+    np.testing.assert_array_equal(_run(plain_session(model, tmp_path)[0], x),
+                                  _run(plain_session(lcq, tmp_path)[0], x))

@@ -183,6 +183,19 @@ def test_uniform_quant_divides_instead_of_multiplying_by_the_reciprocal():
     assert_bits_equal(y, np.array([np.float32(5) * step, np.float32(-5) * step], np.float32))
 
 
+def portable_run(tmp_path, code: str, arrays: list[np.ndarray]) -> bytes:
+    """What ``code`` writes to stdout in a process with QCONVERT_OPS_PORTABLE=1 (the
+    kernels' exact loops), the repository on its path; ``arrays`` reach it as the .npz file
+    sys.argv[1] (arr_0, arr_1, ...)."""
+    path = tmp_path / "portable_inputs.npz"
+    np.savez(path, *arrays)
+    env = dict(os.environ, QCONVERT_OPS_PORTABLE="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-c", code, str(path)], env=env, cwd=root,
+                          capture_output=True, check=True).stdout
+
+
 def test_uniform_quant_avx2_and_portable_loops_agree(tmp_path):
     """The same input through a process with QCONVERT_OPS_PORTABLE=1 gives the same bits."""
     rng = np.random.default_rng(12)
@@ -196,18 +209,11 @@ def test_uniform_quant_avx2_and_portable_loops_agree(tmp_path):
     code = (
         "import sys, numpy as np\n"
         "from tests.test_native_ops import run_op\n"
-        "x = np.load(sys.argv[1])\n"
+        "x = np.load(sys.argv[1])['arr_0']\n"
         f"y = run_op('UniformQuant', [x, np.array([{float(step)!r}], np.float32)], {attrs!r})\n"
         "sys.stdout.buffer.write(y.tobytes())\n"
     )
-    path = tmp_path / "x.npy"
-    np.save(path, x)
-    env = dict(os.environ, QCONVERT_OPS_PORTABLE="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-c", code, str(path)], env=env, cwd=root,
-                         capture_output=True, check=True).stdout
-    portable = np.frombuffer(out, np.float32)
+    portable = np.frombuffer(portable_run(tmp_path, code, [x]), np.float32)
     np.testing.assert_array_equal(portable.view(np.uint32), here.view(np.uint32))
 
 

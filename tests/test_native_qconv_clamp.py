@@ -14,9 +14,6 @@ shapes must agree with the input's.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +21,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from .test_native_ops import NODE, model_bytes, session
+from .test_native_ops import NODE, model_bytes, portable_run, session
 
 OP = "QConvClamp"
 
@@ -207,8 +204,6 @@ def test_portable_loop_gives_the_same_bits(tmp_path: Path):
     cases = [random_case(rng, 16, 16, 16, 16, 3, 1), random_case(rng, 64, 64, 4, 4, 3, 1),
              random_case(rng, 32, 64, 8, 8, 3, 2)]
     here = [run(x, w, b, multiplier(xs, ws, ys), a) for x, w, b, xs, ws, ys, a in cases]
-    np.savez(tmp_path / "cases.npz", *[v for case in cases for v in
-                                      (case[0], case[1], case[2], multiplier(*case[3:6]))])
     code = (
         "import sys, numpy as np; from tests import test_native_qconv_clamp as t; "
         "d = np.load(sys.argv[1]); v = [d[f'arr_{i}'] for i in range(len(d.files))]; "
@@ -216,11 +211,8 @@ def test_portable_loop_gives_the_same_bits(tmp_path: Path):
         "sys.stdout.buffer.write(b''.join(t.run(*v[4 * i:4 * i + 4], a).tobytes() "
         "for i, a in enumerate(attrs)))"
     )
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, QCONVERT_OPS_PORTABLE="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cases.npz")], env=env,
-                         cwd=root, capture_output=True, check=True).stdout
+    out = portable_run(tmp_path, code, [v for case in cases for v in
+                                        (case[0], case[1], case[2], multiplier(*case[3:6]))])
     assert out == b"".join(y.tobytes() for y in here)
 
 

@@ -13,9 +13,6 @@ ASan+UBSan. The shared test vectors run through tests/test_native_ops.py.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qconvert.ops.qdepthwise_conv_clamp import reference as spec_reference
 
-from .test_native_ops import NODE, model_bytes, session
+from .test_native_ops import NODE, model_bytes, portable_run, session
 
 OP = "QDepthwiseConvClamp"
 
@@ -221,7 +218,6 @@ def test_portable_loop_gives_the_same_bits(tmp_path: Path):
              random_case(rng, 24, 9, 9, 3, 2, x_max=255, x_zp=128, lo=0, hi=255),
              random_case(rng, 17, 8, 11, (5, 3), (1, 2), x_max=40, x_hi=30, x_zp=4, n=2)]
     here = [run(*case) for case in cases]
-    np.savez(tmp_path / "cases.npz", *[v for case in cases for v in case[:4]])
     code = (
         "import sys, numpy as np; from tests import test_native_qdepthwise_conv_clamp as t; "
         "d = np.load(sys.argv[1]); v = [d[f'arr_{i}'] for i in range(len(d.files))]; "
@@ -229,11 +225,7 @@ def test_portable_loop_gives_the_same_bits(tmp_path: Path):
         "sys.stdout.buffer.write(b''.join(t.run(*v[4 * i:4 * i + 4], a).tobytes() "
         "for i, a in enumerate(attrs)))"
     )
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, QCONVERT_OPS_PORTABLE="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cases.npz")], env=env,
-                         cwd=root, capture_output=True, check=True).stdout
+    out = portable_run(tmp_path, code, [v for case in cases for v in case[:4]])
     assert out == b"".join(y.tobytes() for y in here)
 
 
