@@ -189,12 +189,13 @@ def bench_target(target: str, args, tmp: Path) -> list[dict]:
     if args.ceiling_cost:
         files["integer_no_ceiling"] = tmp / "integer_no_ceiling.onnx"
         onnx.save(without_ceilings(integer), str(files["integer_no_ceiling"]))
-    if args.island_cost and any(n.op_type == "Transpose" for n in integer.graph.node):
+    if args.island_cost:
         islands_nchw = onnx.ModelProto()
         islands_nchw.CopyFrom(integer)
         channels_first_islands(islands_nchw)
-        files["integer_islands_nchw"] = tmp / "integer_islands_nchw.onnx"
-        save_as_exported(islands_nchw, files["integer_islands_nchw"])
+        if len(islands_nchw.graph.node) < len(integer.graph.node):  # it had islands
+            files["integer_islands_nchw"] = tmp / "integer_islands_nchw.onnx"
+            save_as_exported(islands_nchw, files["integer_islands_nchw"])
     sessions = {k: plain_session(p, args.threads) for k, p in files.items()}
     rows = []
     for batch in args.batch:

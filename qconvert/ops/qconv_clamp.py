@@ -23,8 +23,9 @@ MAX_KERNEL, MAX_STRIDE = 11, 4
 MAX_REDUCTION, MAX_BIAS = 1 << 15, 1 << 30
 
 
-def _infer_shape(ctx) -> None:
-    """Y: uint8 [N, M, OH, OW] from X's and W's shapes; a dimension not known stays unnamed."""
+def infer_output_shape(ctx, channels_last: bool = False) -> None:
+    """Y: uint8 [N, M, OH, OW] (channels_last: [N, OH, OW, M]) from X's and W's shapes; a
+    dimension not known stays unnamed."""
     x, w = ctx.get_input_type(0), ctx.get_input_type(1)
     x_dims = list(x.tensor_type.shape.dim) if x.tensor_type.HasField("shape") else []
     w_dims = list(w.tensor_type.shape.dim) if w.tensor_type.HasField("shape") else []
@@ -32,13 +33,15 @@ def _infer_shape(ctx) -> None:
         ctx.set_output_type(0, helper.make_tensor_type_proto(TensorProto.UINT8, None))
         return
     strides, pads = list(ctx.get_attribute("strides").ints), list(ctx.get_attribute("pads").ints)
-    dims: list = [x_dims[0].dim_param or x_dims[0].dim_value or None,
-                  w_dims[0].dim_value or None]
+    first_spatial = 1 if channels_last else 2
+    spatial = []
     for axis in (0, 1):
-        size, kernel = x_dims[2 + axis].dim_value, w_dims[2 + axis].dim_value
+        size, kernel = x_dims[first_spatial + axis].dim_value, w_dims[2 + axis].dim_value
         known = size and kernel and len(strides) == 2 and len(pads) == 4 and strides[axis] > 0
-        dims.append((size + pads[axis] + pads[axis + 2] - kernel) // strides[axis] + 1
-                    if known else None)
+        spatial.append((size + pads[axis] + pads[axis + 2] - kernel) // strides[axis] + 1
+                       if known else None)
+    batch, m = x_dims[0].dim_param or x_dims[0].dim_value or None, w_dims[0].dim_value or None
+    dims = [batch, *spatial, m] if channels_last else [batch, m, *spatial]
     ctx.set_output_type(0, helper.make_tensor_type_proto(TensorProto.UINT8, dims))
 
 
@@ -59,7 +62,7 @@ def schema() -> onnx.defs.OpSchema:
                     int_attr("lo", "0..255"), int_attr("hi", "lo..255"),
                     int_attr("zero_point", "output zero point, 0..255", default=0),
                     int_attr("x_zero_point", "input zero point, 0..255", default=0)],
-    ).set_type_and_shape_inference_function(_infer_shape)
+    ).set_type_and_shape_inference_function(infer_output_shape)
 
 
 def check(w_shape, b: np.ndarray, scale: np.ndarray, *, strides, pads, lo: int, hi: int,

@@ -25,25 +25,6 @@ DEFAULTS = {"zero_point": 0, "x_zero_point": 0, "x_hi": 255}
 TO_NCHW, TO_NHWC = [0, 3, 1, 2], [0, 2, 3, 1]
 
 
-def _infer_shape(ctx) -> None:
-    """Y: uint8 [N, OH, OW, C] from X's and W's shapes; a dimension not known stays unnamed."""
-    x, w = ctx.get_input_type(0), ctx.get_input_type(1)
-    x_dims = list(x.tensor_type.shape.dim) if x.tensor_type.HasField("shape") else []
-    w_dims = list(w.tensor_type.shape.dim) if w.tensor_type.HasField("shape") else []
-    if len(x_dims) != 4 or len(w_dims) != 4:
-        ctx.set_output_type(0, helper.make_tensor_type_proto(TensorProto.UINT8, None))
-        return
-    strides, pads = list(ctx.get_attribute("strides").ints), list(ctx.get_attribute("pads").ints)
-    dims: list = [x_dims[0].dim_param or x_dims[0].dim_value or None]
-    for axis in (0, 1):
-        size, kernel = x_dims[1 + axis].dim_value, w_dims[2 + axis].dim_value
-        known = size and kernel and len(strides) == 2 and len(pads) == 4 and strides[axis] > 0
-        dims.append((size + pads[axis] + pads[axis + 2] - kernel) // strides[axis] + 1
-                    if known else None)
-    dims.append(w_dims[0].dim_value or None)
-    ctx.set_output_type(0, helper.make_tensor_type_proto(TensorProto.UINT8, dims))
-
-
 def schema() -> onnx.defs.OpSchema:
     return onnx.defs.OpSchema(
         NAME, DOMAIN, SINCE_VERSION,
@@ -64,7 +45,8 @@ def schema() -> onnx.defs.OpSchema:
                     int_attr("zero_point", "output zero point, 0..255", default=0),
                     int_attr("x_zero_point", "input zero point, 0..255", default=0),
                     int_attr("x_hi", "input ceiling, x_zero_point..255", default=255)],
-    ).set_type_and_shape_inference_function(_infer_shape)
+    ).set_type_and_shape_inference_function(
+        lambda ctx: qconv_clamp.infer_output_shape(ctx, channels_last=True))
 
 
 def check(w_shape, b: np.ndarray, scale: np.ndarray, *, group: int, strides, pads, lo: int,
