@@ -183,6 +183,18 @@ def test_uniform_quant_divides_instead_of_multiplying_by_the_reciprocal():
     assert_bits_equal(y, np.array([np.float32(5) * step, np.float32(-5) * step], np.float32))
 
 
+def random_conv_geometry(rng) -> tuple:
+    """A random 2-D convolution's (kernel, strides, pads, H, W) within the conv ops' bounds
+    (kernel 1..5, strides 1..4, pads below the kernel, an image no smaller than it)."""
+    k = (int(rng.integers(1, 6)), int(rng.integers(1, 6)))
+    stride = (int(rng.integers(1, 5)), int(rng.integers(1, 5)))
+    pad = [int(rng.integers(0, k[0])), int(rng.integers(0, k[1])),
+           int(rng.integers(0, k[0])), int(rng.integers(0, k[1]))]
+    h = int(rng.integers(max(1, k[0] - pad[0] - pad[2]), 20))
+    wd = int(rng.integers(max(1, k[1] - pad[1] - pad[3]), 20))
+    return k, stride, pad, h, wd
+
+
 def portable_run(tmp_path, code: str, arrays: list[np.ndarray]) -> bytes:
     """What ``code`` writes to stdout in a process with QCONVERT_OPS_PORTABLE=1 (the
     kernels' exact loops), the repository on its path; ``arrays`` reach it as the .npz file

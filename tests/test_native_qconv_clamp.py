@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from .test_native_ops import NODE, model_bytes, portable_run, session
+from .test_native_ops import NODE, model_bytes, portable_run, random_conv_geometry, session
 
 OP = "QConvClamp"
 
@@ -150,12 +150,7 @@ def test_clamp_and_zero_point_by_hand():
 
 
 def random_config(rng):
-    k = (int(rng.integers(1, 6)), int(rng.integers(1, 6)))
-    stride = (int(rng.integers(1, 5)), int(rng.integers(1, 5)))
-    pad = [int(rng.integers(0, k[0])), int(rng.integers(0, k[1])),
-           int(rng.integers(0, k[0])), int(rng.integers(0, k[1]))]
-    h = int(rng.integers(max(1, k[0] - pad[0] - pad[2]), 20))
-    wd = int(rng.integers(max(1, k[1] - pad[1] - pad[3]), 20))
+    k, stride, pad, h, wd = random_conv_geometry(rng)
     wide = rng.random() < 0.3  # 8-bit codes: large weights take the exact int32 loop
     lo = int(rng.integers(0, 40))
     return dict(c=int(rng.integers(1, 70)), m=int(rng.integers(1, 40)), h=h, wd=wd, k=k,

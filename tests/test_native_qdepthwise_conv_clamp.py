@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qconvert.ops.qdepthwise_conv_clamp import reference as spec_reference
 
-from .test_native_ops import NODE, model_bytes, portable_run, session
+from .test_native_ops import NODE, model_bytes, portable_run, random_conv_geometry, session
 
 OP = "QDepthwiseConvClamp"
 
@@ -135,12 +135,7 @@ def test_ceiling_and_ties_by_hand():
 
 
 def random_config(rng):
-    k = (int(rng.integers(1, 6)), int(rng.integers(1, 6)))
-    stride = (int(rng.integers(1, 5)), int(rng.integers(1, 5)))
-    pad = [int(rng.integers(0, k[0])), int(rng.integers(0, k[1])),
-           int(rng.integers(0, k[0])), int(rng.integers(0, k[1]))]
-    h = int(rng.integers(max(1, k[0] - pad[0] - pad[2]), 20))
-    wd = int(rng.integers(max(1, k[1] - pad[1] - pad[3]), 20))
+    k, stride, pad, h, wd = random_conv_geometry(rng)
     wide = rng.random() < 0.4  # 8-bit codes: int32 sums when the weights are large
     x_zp = int(rng.choice([0, 0, 7, 128])) if wide else int(rng.choice([0, 0, 3]))
     x_max = 255 if wide else 15
